@@ -1,0 +1,1 @@
+"""Training-time callbacks: sample galleries, FID (installed as ``jpeglm.callbacks``)."""

@@ -1,0 +1,1 @@
+"""LightningDataModules that stream prepared token shards (installed as ``jpeglm.data_modules``)."""
