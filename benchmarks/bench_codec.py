@@ -98,10 +98,14 @@ def main() -> None:
     print(f"floor (Pillow open/crop/resize/save): {t_floor * 1e3 / len(paths):7.2f} ms/image")
     print(f"ours (encode + tokenize):             {t_ours * 1e3 / len(paths):7.2f} ms/image")
     print(f"ratio ours/floor: {t_ours / t_floor:.3f}  (target <= 1.5)")
-    print(f"mean bytes per image: {n_bytes / len(paths):.0f}, mean tokens per image: {n_tokens / len(paths):.0f} "
-          f"({n_tokens / n_bytes:.3f} tokens per byte, vocab {tokenizer.vocab_size})")
-    print(f"tokenizer: {n_bytes / t_batch / 1e6:.1f} MB/s batch (encode_batch), "
-          f"{n_bytes / t_loop / 1e6:.1f} MB/s per-item loop")
+    print(
+        f"mean bytes per image: {n_bytes / len(paths):.0f}, mean tokens per image: {n_tokens / len(paths):.0f} "
+        f"({n_tokens / n_bytes:.3f} tokens per byte, vocab {tokenizer.vocab_size})"
+    )
+    print(
+        f"tokenizer: {n_bytes / t_batch / 1e6:.1f} MB/s batch (encode_batch), "
+        f"{n_bytes / t_loop / 1e6:.1f} MB/s per-item loop"
+    )
 
 
 if __name__ == "__main__":

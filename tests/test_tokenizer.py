@@ -13,7 +13,7 @@ START_CODE = re.compile(rb"\x00\x00\x00?\x01")
 def fuzz_strings(seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     cases = [b"", bytes(range(256)), bytes(range(255, -1, -1)) * 3, b"\x00" * 50, b"\xff" * 50, b" " * 9]
-    cases += ["<｜bos｜> <｜eos｜>".encode(), "<|bos|>".encode(), "héllo wörld ✓ 🙂\r\n\t".encode()]
+    cases += ["<｜bos｜> <｜eos｜>".encode(), b"<|bos|>", "héllo wörld ✓ 🙂\r\n\t".encode()]
     cases += [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 3000, 200)]
     cases += [bytes(rng.choice([0, 1, 0xFF, 0xD0, 0xD7, 0x20], int(n))) for n in rng.integers(1, 500, 50)]
     return cases
@@ -56,7 +56,8 @@ def test_no_byte_sequence_becomes_a_special_token(jpeg_tokenizer, text_tokenizer
 
 
 def test_id_layout(jpeg_tokenizer):
-    assert jpeg_tokenizer.vocab_size == 320 and jpeg_tokenizer.num_ids == 328
+    assert jpeg_tokenizer.vocab_size == 320
+    assert jpeg_tokenizer.num_ids == 328
     for i, token in enumerate(SPECIAL_TOKENS):
         assert jpeg_tokenizer.tokenizer.token_to_id(token) == i
     for b in range(256):
@@ -70,7 +71,8 @@ def test_id_layout(jpeg_tokenizer):
 def test_special_tokens_frame_a_sample(jpeg_tokenizer, text_tokenizer, jpeg_streams):
     stream = jpeg_streams[0]
     ids = jpeg_tokenizer.encode(stream, add_special_tokens=True)
-    assert ids[:2] == [BOS_ID, MODALITIES["jpeg"]] and ids[-1] == EOS_ID
+    assert ids[:2] == [BOS_ID, MODALITIES["jpeg"]]
+    assert ids[-1] == EOS_ID
     assert ids[2:-1] == jpeg_tokenizer.encode(stream)
     assert jpeg_tokenizer.decode(ids) == stream  # special ids are dropped
     assert text_tokenizer.encode(b"hi", add_special_tokens=True)[:2] == [BOS_ID, MODALITIES["text"]]
@@ -123,9 +125,11 @@ def test_save_load_round_trip(jpeg_tokenizer, jpeg_streams, tmp_path):
         "tokenizer.json",
     ]
     layout = json.loads((tmp_path / "tok" / "id_layout.json").read_text())
-    assert layout["modality"] == "jpeg" and layout["special_tokens"]["<｜bos｜>"] == BOS_ID
+    assert layout["modality"] == "jpeg"
+    assert layout["special_tokens"]["<｜bos｜>"] == BOS_ID
     loaded = CodecTokenizer.load(tmp_path / "tok")
-    assert loaded.modality == "jpeg" and loaded.num_ids == jpeg_tokenizer.num_ids
+    assert loaded.modality == "jpeg"
+    assert loaded.num_ids == jpeg_tokenizer.num_ids
     assert loaded.codec_spec == jpeg_tokenizer.codec_spec
     assert loaded.codec.spec == jpeg_tokenizer.codec_spec
     for stream in jpeg_streams[:3]:
