@@ -1,4 +1,8 @@
-"""Shared fixtures: real photographs (tests/fixtures/photos, see ATTRIBUTION.md), codecs and tokenizers."""
+"""Shared fixtures: real photographs (tests/fixtures/photos, see ATTRIBUTION.md), codecs and tokenizers.
+
+Helpers that make test videos live in tests/media.py; test modules import it as `media` (pytest puts
+this folder on sys.path because it holds the rootdir conftest).
+"""
 
 from __future__ import annotations
 

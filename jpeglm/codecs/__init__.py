@@ -2,12 +2,13 @@
 
 from typing import Any
 
+from jpeglm.codecs.avc import AvcCodec
 from jpeglm.codecs.base import CodecError, DecodedImage, DecodedVideo
 from jpeglm.codecs.jpeg import JpegCodec
 
-__all__ = ["CODECS", "CodecError", "DecodedImage", "DecodedVideo", "JpegCodec", "codec_from_spec"]
+__all__ = ["AvcCodec", "CODECS", "CodecError", "DecodedImage", "DecodedVideo", "JpegCodec", "codec_from_spec"]
 
-CODECS = {codec.name: codec for codec in (JpegCodec,)}
+CODECS = {codec.name: codec for codec in (JpegCodec, AvcCodec)}
 """Codec classes by the name their spec carries."""
 
 

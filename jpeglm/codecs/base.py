@@ -16,7 +16,17 @@ from PIL import Image
 
 
 class CodecError(ValueError):
-    """Input that a codec cannot encode (corrupt, unsupported, too large), or a spec it cannot honour."""
+    """Input that a codec cannot encode (corrupt, unsupported, too large), or a spec it cannot honour.
+
+    Args:
+        message: what is wrong, naming the input.
+        reason: a short machine-readable cause for reports: "corrupt", "truncated", "too_large",
+            "no_video", "invalid" (wrong kind of argument) or "spec" (a spec this installation cannot honour).
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,8 @@ def check_spec(spec: dict[str, Any], name: str, fields: tuple[str, ...]) -> dict
     """Return the constructor arguments stored in ``spec``, or raise if it is not a ``name`` spec."""
     if not isinstance(spec, dict) or spec.get("codec") != name:
         got = spec.get("codec") if isinstance(spec, dict) else type(spec).__name__
-        raise CodecError(f"expected a {name!r} codec spec, got {got!r}")
+        raise CodecError(f"expected a {name!r} codec spec, got {got!r}", reason="spec")
     missing = [f for f in fields if f not in spec]
     if missing:
-        raise CodecError(f"{name} codec spec lacks {missing}; was it written by jpeglm?")
+        raise CodecError(f"{name} codec spec lacks {missing}; was it written by jpeglm?", reason="spec")
     return {f: spec[f] for f in fields}

@@ -126,7 +126,8 @@ class JpegCodec:
         except CodecError:
             raise
         except Exception as e:  # Pillow raises many types on hostile files; all mean "cannot encode this"
-            raise CodecError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
+            reason = "truncated" if "truncated" in str(e) else "corrupt"
+            raise CodecError(f"{name}: cannot read image ({type(e).__name__}: {e})", reason) from e
         im.info = {}  # no metadata (ICC, EXIF, DPI) may reach the stream
         return im
 
@@ -138,17 +139,18 @@ class JpegCodec:
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = io.BytesIO(bytes(image))
         elif not isinstance(image, (str, os.PathLike)):
-            raise CodecError(f"{name}: expected a PIL image, path, file bytes or uint8 array")
+            raise CodecError(f"{name}: expected a PIL image, path, file bytes or uint8 array", reason="invalid")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap follows
             try:
                 im = Image.open(image)
             except Image.DecompressionBombError as e:
-                raise CodecError(f"{name}: refused, {e}") from e
+                raise CodecError(f"{name}: refused, {e}", reason="too_large") from e
         if im.width * im.height > self.max_pixels:
             raise CodecError(
                 f"{name}: {im.width}x{im.height} = {im.width * im.height} pixels exceeds max_pixels="
-                f"{self.max_pixels} (possible decompression bomb); raise max_pixels to accept it"
+                f"{self.max_pixels} (possible decompression bomb); raise max_pixels to accept it",
+                reason="too_large",
             )
         im.load()
         return im
@@ -231,7 +233,8 @@ class JpegCodec:
                     f"JPEG {key.split('_')[0]} differ from the ones this data was made with: it was written by "
                     f"Pillow {spec.get('pillow')} / libjpeg {spec.get('libjpeg')}, this installation has "
                     f"Pillow {mine['pillow']} / libjpeg {mine['libjpeg']}. Decoding would produce garbage; "
-                    "install the versions that wrote it, or prepare the data again."
+                    "install the versions that wrote it, or prepare the data again.",
+                    reason="spec",
                 )
         return codec
 
@@ -470,7 +473,7 @@ def _parse_dht(body: bytes) -> dict[tuple[int, int], list[int]]:
 
 def _from_array(array: np.ndarray, name: str) -> Image.Image:
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise CodecError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 uint8 array")
+        raise CodecError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 uint8 array", reason="invalid")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     return Image.fromarray(np.ascontiguousarray(array))

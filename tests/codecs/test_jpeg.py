@@ -202,8 +202,9 @@ def test_corrupt_and_non_image_files_name_the_file(jpeg_codec, photos, tmp_path)
     for name, data in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(CodecError, match=re.escape(str(path))):
+        with pytest.raises(CodecError, match=re.escape(str(path))) as error:
             jpeg_codec.encode(path)
+        assert error.value.reason == ("truncated" if name == "truncated.jpg" else "corrupt")
     with pytest.raises(CodecError, match="missing.jpg"):
         jpeg_codec.encode(tmp_path / "missing.jpg")
     with pytest.raises(CodecError, match="array"):
@@ -222,8 +223,9 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_decompression_bombs_are_refused_before_decoding(tmp_path, photos):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(10_000, 10_000))  # 100M pixels: over our cap, under Pillow's error
-    with pytest.raises(CodecError, match=r"bomb\.png.*max_pixels"):
+    with pytest.raises(CodecError, match=r"bomb\.png.*max_pixels") as error:
         JpegCodec().encode(bomb)
+    assert error.value.reason == "too_large"
     bomb.write_bytes(_png_header_only(40_000, 40_000))  # over Pillow's own limit as well
     with pytest.raises(CodecError, match="bomb.png"):
         JpegCodec().encode(bomb)

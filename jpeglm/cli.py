@@ -1,0 +1,54 @@
+"""The ``jpeglm`` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> exit code``;
+:data:`COMMANDS` is the only list of them. Modules are imported only when their command runs, so
+``jpeglm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from jpeglm import __version__
+
+COMMANDS = {
+    "tokenizer": ("jpeglm.train_tokenizer", "train a codec-byte BPE tokenizer (`jpeglm tokenizer train --help`)"),
+}
+"""Subcommand name -> (module, one-line help)."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jpeglm", description="Pretrain LLMs that generate images and videos by writing JPEG and H.264 bytes."
+    )
+    parser.add_argument("--version", action="version", version=f"jpeglm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    from jpeglm.codecs import CodecError
+    from jpeglm.inputs import InputError
+
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except (InputError, CodecError, FileNotFoundError, ValueError) as e:
+        # Mistakes in what the user asked for get one clear line, not a traceback (JPEGLM_DEBUG=1 shows it).
+        if os.environ.get("JPEGLM_DEBUG"):
+            raise
+        print(f"jpeglm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
