@@ -15,6 +15,7 @@ import sys
 from jpeglm import __version__
 
 COMMANDS = {
+    "prepare": ("jpeglm.prepare", "turn images, videos or text into litdata token shards for training"),
     "tokenizer": ("jpeglm.train_tokenizer", "train a codec-byte BPE tokenizer (`jpeglm tokenizer train --help`)"),
 }
 """Subcommand name -> (module, one-line help)."""

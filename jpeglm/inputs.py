@@ -1,8 +1,14 @@
-"""Finding a user's input files and turning them into byte streams, one bad file never stopping the rest.
+"""Finding a user's inputs and reading them as byte streams, one bad input never stopping the rest.
 
-Inputs are directories (searched recursively), glob patterns, files, or list files that name one path
+Inputs are directories (searched recursively), glob patterns, files, list files that name one path
 per line (``.lst`` / ``.list``, and ``.txt`` for the media modalities; relative paths are read from
-the list file's directory).
+the list file's directory), and webdataset-style ``.tar`` shards (their members with the modality's
+extensions are inputs). For text, a ``.txt`` file is one item and each line of a ``.jsonl`` file is
+one item (its ``text`` field).
+
+Every item is a :class:`Source`: a byte range of a file plus a stable ``key`` (the path relative to
+the directory it was found in, ``shard.tar/member`` for tar members, ``file.jsonl:LINE`` for lines)
+that names it in reports and decides its train/val split, so moving a dataset directory changes nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import multiprocessing
+import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +29,7 @@ IMAGE_EXTENSIONS = frozenset(
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp"})
 TEXT_EXTENSIONS = frozenset({".txt", ".jsonl"})
 EXTENSIONS = {"jpeg": IMAGE_EXTENSIONS, "avc": VIDEO_EXTENSIONS, "text": TEXT_EXTENSIONS}
-"""File extensions read for each modality."""
+"""File extensions read for each modality (plus ``.tar`` shards, whose members are filtered the same way)."""
 _LIST_EXTENSIONS = frozenset({".lst", ".list"})
 
 
@@ -30,51 +37,128 @@ class InputError(ValueError):
     """The inputs themselves are wrong (missing path, nothing to read): the job cannot start."""
 
 
-@dataclass
-class InputFiles:
-    """Files to read, and files found in directories that the modality does not read."""
+@dataclass(frozen=True)
+class Source:
+    """One input item: ``size`` bytes at ``offset`` of ``path`` (``size < 0``: the whole file).
 
-    files: list[Path] = field(default_factory=list)
+    Attributes:
+        path: the file that holds the item.
+        key: stable name of the item (see the module docstring).
+        offset: where the item starts in the file (tar members, jsonl lines).
+        size: the item's length in bytes, or -1 for the whole file.
+        line: the item is one JSON line whose ``text`` field is the item.
+    """
+
+    path: Path
+    key: str
+    offset: int = 0
+    size: int = -1
+    line: bool = False
+
+    @property
+    def name(self) -> str:
+        """Where to find the item, for people: the path, plus the member or line."""
+        if self.line:
+            return f"{self.path}:{self.key.rsplit(':', 1)[1]}"
+        return f"{self.path}/{self.key.rsplit('/', 1)[-1]}" if self.size >= 0 else str(self.path)
+
+    def read(self) -> bytes:
+        """The item's bytes (for a JSON line: its ``text`` field as UTF-8)."""
+        with open(self.path, "rb") as f:
+            if self.size < 0:
+                return f.read()
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if not self.line:
+            return data
+        try:
+            return str(json.loads(data)["text"]).encode("utf-8")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a JSON object with a 'text' field ({e})") from e
+
+
+@dataclass
+class Inputs:
+    """Items to read, and files found that the modality does not read (by their path)."""
+
+    sources: list[Source] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
 
 
-def find_inputs(inputs: Sequence[str | Path], modality: str) -> InputFiles:
-    """Expand directories, globs and list files into a de-duplicated, deterministic list of files.
+def find_sources(inputs: Sequence[str | Path], modality: str) -> Inputs:
+    """Expand directories, globs, list files, tar shards and jsonl files into a deterministic list of items.
 
     Raises:
-        InputError: an input does not exist, a glob matches nothing, or no file is found at all.
+        InputError: an input does not exist, a glob matches nothing, or nothing readable is found at all.
     """
-    extensions = EXTENSIONS[modality]
-    found = InputFiles()
+    if modality not in EXTENSIONS:
+        raise InputError(f"unknown modality {modality!r}; choose one of {sorted(EXTENSIONS)}")
+    found = Inputs()
     for item in inputs:
-        _expand(str(item), modality, extensions, found)
-    found.files = list(dict.fromkeys(found.files))
-    if not found.files:
-        hint = f" ({len(found.ignored)} files with other extensions)" if found.ignored else ""
-        raise InputError(f"no {modality} input files ({', '.join(sorted(extensions))}) in {list(inputs)}{hint}")
+        _expand(str(item), None, modality, found)
+    found.sources = list({(s.path, s.offset, s.size): s for s in found.sources}.values())  # drop repeats, keep order
+    if not found.sources:
+        hint = f" ({len(found.ignored)} files of other types)" if found.ignored else ""
+        extensions = ", ".join(sorted(EXTENSIONS[modality] | {".tar"}))
+        raise InputError(f"no {modality} inputs ({extensions}) in {list(map(str, inputs))}{hint}")
     return found
 
 
-def _expand(item: str, modality: str, extensions: frozenset[str], found: InputFiles) -> None:
+def _expand(item: str, key: str | None, modality: str, found: Inputs) -> None:
     path = Path(item).expanduser()
     if path.is_dir():
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            (found.files if p.suffix.lower() in extensions else found.ignored).append(p)
+            _add_file(p, p.relative_to(path).as_posix(), modality, found, from_directory=True)
     elif path.is_file() and _is_list_file(path, modality):
         for line in path.read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 entry = Path(line.strip()).expanduser()
-                _expand(str(entry if entry.is_absolute() else path.parent / entry), modality, extensions, found)
+                _expand(str(entry if entry.is_absolute() else path.parent / entry), line.strip(), modality, found)
     elif path.is_file():
-        found.files.append(path)
+        _add_file(path, key or str(path), modality, found, from_directory=False)
     elif glob.has_magic(item):
-        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        matches = sorted(glob.glob(str(path), recursive=True))
         if not matches:
             raise InputError(f"no file matches {item!r}")
-        for p in matches:
-            _expand(str(p), modality, extensions, found)
+        for match in matches:
+            _expand(match, None, modality, found)
     else:
         raise InputError(f"input not found: {item}")
+
+
+def _add_file(path: Path, key: str, modality: str, found: Inputs, from_directory: bool) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".tar":
+        _add_tar(path, key, modality, found)
+    elif suffix == ".jsonl" and modality == "text":
+        found.sources += _jsonl_lines(path, key)
+    elif suffix in EXTENSIONS[modality] or not from_directory:
+        found.sources.append(Source(path, key))  # a file named explicitly is tried whatever its extension
+    else:
+        found.ignored.append(path)
+
+
+def _add_tar(path: Path, key: str, modality: str, found: Inputs) -> None:
+    try:
+        with tarfile.open(path, "r:") as tar:  # uncompressed: members are byte ranges of the file
+            members = [m for m in tar if m.isfile()]
+    except (tarfile.TarError, OSError) as e:
+        raise InputError(f"{path}: cannot read tar shard ({e})") from e
+    for m in members:
+        if Path(m.name).suffix.lower() in EXTENSIONS[modality] and Path(m.name).suffix.lower() != ".jsonl":
+            found.sources.append(Source(path, f"{key}/{m.name}", m.offset_data, m.size))
+        else:
+            found.ignored.append(path / m.name)
+
+
+def _jsonl_lines(path: Path, key: str) -> list[Source]:
+    sources, offset = [], 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                sources.append(Source(path, f"{key}:{number}", offset, len(line), line=True))
+            offset += len(line)
+    return sources
 
 
 def _is_list_file(path: Path, modality: str) -> bool:
@@ -82,44 +166,61 @@ def _is_list_file(path: Path, modality: str) -> bool:
     return suffix in _LIST_EXTENSIONS or (suffix == ".txt" and modality != "text")
 
 
-def read_text_items(path: Path) -> Iterator[bytes]:
-    """UTF-8 items of a text file: a ``.txt`` file is one item; a ``.jsonl`` line is one (its ``text`` field)."""
-    if path.suffix.lower() != ".jsonl":
-        yield path.read_bytes()
-        return
-    with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: not a JSON object with a 'text' field ({e})") from e
-            yield str(text).encode("utf-8")
+# ---------------------------------------------------------------------- reading items
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One input turned into a stream, or the reason it could not be."""
+    """One input turned into a stream, or the reason it could not be.
 
-    path: Path
+    Attributes:
+        source: the input.
+        stream: the codec's byte stream (UTF-8 bytes for text), or None when the input was skipped.
+        reason: why it was skipped: "empty", "unreadable", "not_utf8", or a ``CodecError.reason``
+            ("corrupt", "truncated", "too_large", "no_video", ...).
+        error: the message that explains the skip.
+    """
+
+    source: Source
     stream: bytes | None
+    reason: str | None = None
     error: str | None = None
 
 
-def _encode_one(codec: Any, path: Path) -> Encoded:
+def encode_source(codec: Any, source: Source) -> Encoded:
+    """Read one input and encode it with ``codec`` (None for text); every failure becomes a counted skip."""
+    from jpeglm.codecs import CodecError
+
     try:
-        return Encoded(path, codec.encode(path))
-    except Exception as e:  # one bad file is reported and skipped, never stops the job
-        return Encoded(path, None, f"{type(e).__name__}: {e}")
+        # Whole media files go to the codec by path (its errors then name the file); the rest as bytes.
+        whole_file = codec is not None and source.size < 0
+        data = None if whole_file else source.read()
+        if not (source.path.stat().st_size if whole_file else len(data)):
+            return Encoded(source, None, "empty", "no bytes")
+    except OSError as e:
+        return Encoded(source, None, "unreadable", f"{type(e).__name__}: {e}")
+    except ValueError as e:  # a jsonl line without a text field
+        return Encoded(source, None, "corrupt", str(e))
+    if codec is None:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Encoded(source, None, "not_utf8", str(e))
+        return Encoded(source, data)
+    try:
+        return Encoded(source, codec.encode(source.path if whole_file else data))
+    except CodecError as e:
+        return Encoded(source, None, e.reason, str(e) if whole_file else f"{source.name}: {e}")
+    except Exception as e:  # a codec bug on one input must not stop a million-item job: skip, report it
+        return Encoded(source, None, "error", f"{type(e).__name__}: {e}")
 
 
-def encode_files(codec: Any, files: Sequence[Path], num_workers: int) -> Iterator[Encoded]:
-    """Encode media files with ``codec`` on ``num_workers`` processes, yielding results in input order."""
+def encode_sources(codec: Any, sources: Sequence[Source], num_workers: int) -> Iterator[Encoded]:
+    """Encode inputs on ``num_workers`` processes, yielding results in input order."""
     if num_workers <= 1:
-        for path in files:
-            yield _encode_one(codec, path)
+        for source in sources:
+            yield encode_source(codec, source)
         return
     # spawn, not fork: the parent may already run threads (tokenizers, torch) that fork would copy half-way.
     with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_encode_one, [codec] * len(files), files, chunksize=8)
+        yield from pool.map(encode_source, [codec] * len(sources), sources, chunksize=8)

@@ -7,14 +7,13 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from jpeglm.codecs import AvcCodec, JpegCodec
-from jpeglm.inputs import Encoded, encode_files, find_inputs, read_text_items
+from jpeglm.inputs import encode_sources, find_sources
 from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, MODALITIES, CodecTokenizer
 
 CODEC_FOR_MODALITY = {"jpeg": JpegCodec, "avc": AvcCodec}
@@ -63,14 +62,15 @@ def train_tokenizer(
     """
     start = time.perf_counter()
     report = TrainReport()
-    found = find_inputs(inputs, modality)
-    files, report.ignored = found.files, len(found.ignored)
-    if len(files) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
-        files = sorted(random.Random(seed).sample(files, max_items))
+    found = find_sources(inputs, modality)
+    sources, report.ignored = found.sources, len(found.ignored)
+    if len(sources) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
+        chosen = set(random.Random(seed).sample(range(len(sources)), max_items))
+        sources = [s for i, s in enumerate(sources) if i in chosen]
     codec = CODEC_FOR_MODALITY[modality]() if modality in CODEC_FOR_MODALITY else None
-    streams = _read_streams(codec, files, modality, max_items, num_workers or os.cpu_count() or 1, report, progress)
+    streams = _read_streams(codec, sources, modality, num_workers or os.cpu_count() or 1, report, progress)
     if not streams:
-        raise ValueError(f"none of the {len(files)} inputs could be read; nothing to train on")
+        raise ValueError(f"none of the {len(sources)} inputs could be read; nothing to train on")
     tokenizer = CodecTokenizer.train(
         streams, modality, vocab_size, codec.spec if codec else None, show_progress=progress
     )
@@ -80,30 +80,20 @@ def train_tokenizer(
     return tokenizer, report
 
 
-def _read_streams(codec, files, modality, max_items, num_workers, report, progress) -> list[bytes]:
+def _read_streams(codec, sources, modality, num_workers, report, progress) -> list[bytes]:
     streams: list[bytes] = []
-    results = _text_results(files) if codec is None else encode_files(codec, files, num_workers)
-    total = None if codec is None else len(files)  # a .jsonl file holds many text items
-    bar = tqdm(results, total=total, desc=f"reading {modality}", unit="item", disable=not progress, mininterval=1)
+    results = encode_sources(codec, sources, num_workers if codec is not None else 1)
+    bar = tqdm(results, total=len(sources), desc=f"reading {modality}", unit="item", disable=not progress)
     for result in bar:
         if result.stream is None:
-            report.skipped[result.error.split(":")[0]] += 1
-            report.skipped_paths.append(f"{result.path}: {result.error}")
-        elif len(streams) < max_items:
+            report.skipped[result.reason] += 1
+            report.skipped_paths.append(f"{result.source.name}: {result.error}")
+        else:
             streams.append(result.stream)
             report.items += 1
             report.total_bytes += len(result.stream)
         bar.set_postfix(skipped=sum(report.skipped.values()), refresh=False)
     return streams
-
-
-def _text_results(files: list[Path]) -> Iterator[Encoded]:
-    for path in files:
-        try:
-            for item in read_text_items(path):
-                yield Encoded(path, item)
-        except (OSError, ValueError) as e:  # a bad line skips the rest of its file, not the job
-            yield Encoded(path, None, f"{type(e).__name__}: {e}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -43,7 +43,8 @@ def test_tokenizer_train_command(photo_dir, photos, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert f"streams read: {len(photos)}, skipped: 2, ignored (other file types): 1" in printed
-    assert "CodecError: 2" in printed
+    assert "corrupt: 1" in printed
+    assert "empty: 1" in printed
     assert "broken.jpg" in printed
     assert "empty.png" in printed
     assert "mean tokens per item" in printed
@@ -107,7 +108,7 @@ def test_text_modality_reads_txt_and_jsonl(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("inputs", "message"),
-    [(["/no/such/dir"], "input not found"), (["/no/such/*.jpg"], "no file matches"), ([], "no jpeg input files")],
+    [(["/no/such/dir"], "input not found"), (["/no/such/*.jpg"], "no file matches"), ([], "no jpeg inputs")],
 )
 def test_input_mistakes_are_one_clear_line(tmp_path, capsys, inputs, message):
     (tmp_path / "empty").mkdir()

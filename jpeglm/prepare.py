@@ -1,0 +1,566 @@
+"""``jpeglm prepare``: turn images, videos or text into litdata token shards that training streams.
+
+Each input becomes one sample ``bos, modality tag, codec tokens..., eos`` (see jpeglm/tokenizer.py),
+written with litdata's ``BinaryWriter`` in the layout ``litdata.TokensLoader`` reads. The output
+directory describes itself::
+
+    OUT/dataset.json          written last: a directory without it is never read as a dataset
+    OUT/train/, OUT/val/      litdata shards (index.json + chunk-*.bin), uint16 tokens when they fit
+    OUT/tokenizer/            the tokenizer (tokenizer.json, id_layout.json, codec_spec.json)
+    OUT/codec_spec.json       the codec's settings and checksums
+    OUT/prepare_report.json   items seen / written / skipped by reason (with paths), token statistics, timing
+
+Why not ``litdata.optimize``: a job of a million inputs must survive ``kill -9`` with no duplicate and
+no gap, and must report every skipped input with its reason in one place. Here the inputs are cut
+into fixed *parts*; workers encode and tokenize, the main process writes each part into a temporary
+directory and renames it into place when the part is whole. A re-run with the same arguments skips
+whole parts and redoes the one that was cut short; at the end the parts' chunk files are *moved*
+(not copied, unlike ``litdata.merge_datasets``) into ``train/`` and ``val/`` under one index.
+
+The train/val split hashes each input's stable key (its path relative to the input directory, see
+jpeglm/inputs.py), so re-running never moves an item between splits. Inputs are written in a
+seeded shuffled order, so every chunk holds a mix of the dataset rather than one directory's worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jpeglm.inputs import Encoded, InputError, Source, encode_source, find_sources
+from jpeglm.tokenizer import MODALITIES, CodecTokenizer
+
+FORMAT = 1
+SPLITS = ("train", "val")
+_WORK = ".prepare"  # work area: state, finished parts, the part being written
+_BATCH = 16  # inputs per worker task: tokenized together in one Rust call
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A complete prepared directory, as ``dataset.json`` describes it.
+
+    Attributes:
+        path: the directory.
+        modality: "jpeg", "avc" or "text".
+        num_ids: ids of its tokenizer (the model's vocabulary size for this data alone).
+        dtype: numpy dtype of the stored token ids.
+        splits: ``{"train": {"items": n, "tokens": n}, "val": {...}}``.
+    """
+
+    path: Path
+    modality: str
+    num_ids: int
+    dtype: str
+    splits: dict[str, dict[str, int]]
+
+    @property
+    def tokenizer(self) -> CodecTokenizer:
+        return CodecTokenizer.load(self.path / "tokenizer")
+
+    @property
+    def codec(self) -> Any:
+        """The codec the data was made with, checked against this installation (None for text)."""
+        return self.tokenizer.codec
+
+    def split_dir(self, split: str) -> Path | None:
+        """The litdata directory of a split, or None when the split is empty."""
+        return self.path / split if self.splits.get(split, {}).get("items") else None
+
+    def samples(self, split: str = "val") -> Iterator[np.ndarray]:
+        """Each sample of a split (bos, tag, tokens, eos) in the order written, read straight from the chunks.
+
+        Training streams fixed-length blocks that cut across samples; this reads whole samples, e.g. to
+        get the original images of validation items back for prompts and FID.
+        """
+        directory = self.split_dir(split)
+        if directory is None:
+            return
+        for chunk in json.loads((directory / "index.json").read_text())["chunks"]:
+            # litdata chunk: uint32 item count N, uint32 offsets[N + 1] (from the file start), item bytes.
+            raw = np.fromfile(directory / chunk["filename"], dtype=np.uint8)
+            count = int(raw[:4].view(np.uint32)[0])
+            offsets = raw[4 : 4 * (count + 2)].view(np.uint32)
+            for begin, end in zip(offsets[:-1], offsets[1:]):
+                yield raw[begin:end].view(self.dtype)
+
+
+def read_dataset(path: str | Path) -> PreparedDataset:
+    """Open a prepared directory.
+
+    Raises:
+        ValueError: the directory does not exist, or is not a complete prepared dataset (for example a
+            ``jpeglm prepare`` that was killed and not re-run).
+    """
+    path = Path(path)
+    meta = path / "dataset.json"
+    if not meta.is_file():
+        state = " (an unfinished `jpeglm prepare`: run it again to finish)" if (path / _WORK).exists() else ""
+        raise ValueError(f"{path} is not a complete prepared dataset: no dataset.json{state}")
+    info = json.loads(meta.read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: dataset format {info.get('format')!r}, this jpeglm reads format {FORMAT}")
+    return PreparedDataset(path, info["modality"], info["num_ids"], info["dtype"], info["splits"])
+
+
+# ---------------------------------------------------------------------- the job
+
+
+@dataclass
+class _Job:
+    modality: str
+    sources: list[Source]
+    ignored: list[Path]
+    output: Path
+    val_fraction: float
+    part_size: int
+    chunk_bytes: int
+    fingerprint: str
+
+    @property
+    def work(self) -> Path:
+        return self.output / _WORK
+
+    @property
+    def num_parts(self) -> int:
+        return -(-len(self.sources) // self.part_size)
+
+    def part_dir(self, part: int) -> Path:
+        return self.work / "parts" / f"part-{part:06d}"
+
+    def part_sources(self, part: int) -> list[Source]:
+        return self.sources[part * self.part_size : (part + 1) * self.part_size]
+
+
+def prepare(
+    modality: str,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    tokenizer: str | Path | None = None,
+    val_fraction: float = 0.01,
+    num_workers: int | None = None,
+    max_items: int | None = None,
+    seed: int = 0,
+    part_size: int = 1024,
+    chunk_bytes: int = 64 * 2**20,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare inputs into token shards in ``output`` (see the module docstring); returns the report.
+
+    Args:
+        modality: "jpeg", "avc" or "text".
+        inputs: directories, globs, files, list files, tar shards (see jpeglm/inputs.py).
+        output: the dataset directory to write (or to finish, after an interrupted run).
+        tokenizer: a CodecTokenizer directory; None trains one on a sample of the inputs first.
+        val_fraction: share of inputs in the validation split, decided by a hash of each input's key.
+        num_workers: processes that encode and tokenize (default: all cores).
+        max_items: use only the first N inputs (in the order they are found).
+        seed: seed of the order in which inputs are written.
+        part_size: inputs per part, the unit of work a killed job redoes.
+        chunk_bytes: size of each litdata chunk file.
+        progress: show progress bars.
+
+    Raises:
+        InputError: missing inputs, nothing to read, or an output directory that holds something else.
+        CodecError: a tokenizer whose codec this installation cannot honour.
+        ValueError: bad arguments, or no input could be written.
+    """
+    start = time.perf_counter()
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    found = find_sources(inputs, modality)
+    sources = found.sources[:max_items] if max_items else found.sources
+    random.Random(seed).shuffle(sources)
+    output = Path(output)
+    given = CodecTokenizer.load(tokenizer) if tokenizer else None
+    if given is not None and given.modality != modality:
+        raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
+    settings = {
+        "modality": modality,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "part_size": part_size,
+        "chunk_bytes": chunk_bytes,
+        "tokenizer": given.tokenizer.to_str() if given else "trained here",
+    }
+    job = _Job(
+        modality, sources, found.ignored, output, val_fraction, part_size, chunk_bytes, _fingerprint(settings, sources)
+    )
+    with _locked(job):
+        if (done := _already_done(job)) is not None:
+            return done
+        tok = _tokenizer(job, given, inputs, num_workers, progress)
+        codec = tok.codec  # raises CodecError if this installation cannot write the tokenizer's codec
+        counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
+        report = _finish(job, tok, codec, counts, time.perf_counter() - start)
+    return report
+
+
+def _fingerprint(settings: dict[str, Any], sources: list[Source]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for s in sources:
+        digest.update(f"{s.key}\0{s.path}\0{s.offset}\0{s.size}\n".encode())
+    return digest.hexdigest()
+
+
+class _locked:
+    """Claim the output directory: one `jpeglm prepare` writes it at a time; refuse foreign contents."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+
+    def __enter__(self) -> None:
+        job = self.job
+        if job.output.exists() and not job.output.is_dir():
+            raise InputError(f"output {job.output} exists and is not a directory")
+        known = {_WORK, "dataset.json", "train", "val", "tokenizer", "codec_spec.json", "prepare_report.json"}
+        if job.output.is_dir() and any(p.name not in known for p in job.output.iterdir()):
+            raise InputError(f"output directory {job.output} holds other files; give an empty or new directory")
+        job.work.mkdir(parents=True, exist_ok=True)
+        self.lock = open(job.work / "lock", "w")  # noqa: SIM115 - held for the whole job
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise InputError(f"another `jpeglm prepare` is writing {job.output}") from e
+        state = job.work / "state.json"
+        if state.is_file() and json.loads(state.read_text())["fingerprint"] != job.fingerprint:
+            raise InputError(
+                f"{job.output} holds an unfinished `jpeglm prepare` with other inputs or arguments; "
+                "re-run it with the same ones, or use a new output directory"
+            )
+        _write_json(state, {"fingerprint": job.fingerprint, "num_parts": job.num_parts})
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.close()
+        if self.job.work.is_dir() and (self.job.output / "dataset.json").is_file():
+            shutil.rmtree(self.job.work, ignore_errors=True)  # finished: the work area is no longer needed
+
+
+def _already_done(job: _Job) -> dict[str, Any] | None:
+    meta = job.output / "dataset.json"
+    if not meta.is_file():
+        return None
+    if json.loads(meta.read_text()).get("fingerprint") != job.fingerprint:
+        raise InputError(
+            f"{job.output} already holds a different prepared dataset; use a new output directory or delete it"
+        )
+    print(f"{job.output} is already prepared with these inputs and arguments; nothing to do", file=sys.stderr)
+    return json.loads((job.output / "prepare_report.json").read_text())
+
+
+def _tokenizer(job: _Job, given: CodecTokenizer | None, inputs, num_workers, progress) -> CodecTokenizer:
+    target = job.output / "tokenizer"
+    if given is not None:
+        given.save(target)
+        return given
+    if (job.work / "tokenizer.done").is_file():
+        return CodecTokenizer.load(target)  # trained by the run that was interrupted
+    from jpeglm.train_tokenizer import train_tokenizer
+
+    print(f"no --tokenizer given: training a {job.modality} tokenizer on a sample of the inputs", file=sys.stderr)
+    tok, report = train_tokenizer(
+        job.modality, list(map(str, inputs)), target, num_workers=num_workers, progress=progress
+    )
+    print(report.summary(tok, target), file=sys.stderr)
+    (job.work / "tokenizer.done").touch()
+    return tok
+
+
+# ---------------------------------------------------------------------- workers
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    tok = CodecTokenizer.load(tokenizer_dir)
+    _worker.update(tokenizer=tok, codec=tok.codec)
+
+
+def _process(batch: list[Source]) -> list[tuple[Encoded, np.ndarray | None]]:
+    """Encode and tokenize a batch of inputs: (result, token ids or None) per input, in order."""
+    tok, codec = _worker["tokenizer"], _worker["codec"]
+    results = [encode_source(codec, source) for source in batch]
+    good = [r.stream for r in results if r.stream is not None]
+    ids = iter(tok.encode_batch(good, add_special_tokens=True)) if good else iter(())
+    dtype = _dtype(tok)
+    return [(r, None if r.stream is None else np.asarray(next(ids), dtype=dtype)) for r in results]
+
+
+def _dtype(tok: CodecTokenizer) -> str:
+    return "uint16" if tok.num_ids <= 2**16 else "int32"
+
+
+def _batches(job: _Job, parts: list[int]) -> Iterator[list[Source]]:
+    for part in parts:
+        sources = job.part_sources(part)
+        for i in range(0, len(sources), _BATCH):
+            yield sources[i : i + _BATCH]
+
+
+def _results(job: _Job, parts: list[int], tokenizer_dir: Path, num_workers: int) -> Iterator:
+    batches = _batches(job, parts)
+    if num_workers <= 1:
+        _init_worker(str(tokenizer_dir))
+        for batch in batches:
+            yield from _process(batch)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a parent that runs threads
+    with context.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        for results in pool.imap(_process, batches, chunksize=1):
+            yield from results
+
+
+# ---------------------------------------------------------------------- parts
+
+
+class _PartWriter:
+    """Writes one part's samples into a temporary directory, then renames it into place."""
+
+    def __init__(self, job: _Job, part: int) -> None:
+        from litdata.streaming.item_loader import TokensLoader
+        from litdata.streaming.writer import BinaryWriter
+
+        self.job, self.part = job, part
+        self.tmp = job.work / f"tmp-part-{part:06d}"
+        shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run
+        self.writers = {
+            split: BinaryWriter(str(self.tmp / split), chunk_bytes=job.chunk_bytes, item_loader=TokensLoader())
+            for split in SPLITS
+        }
+        self.items = Counter()
+        self.tokens = Counter()
+        self.lengths: list[int] = []
+        self.stream_bytes: list[int] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def add(self, result: Encoded, ids: np.ndarray | None) -> None:
+        if ids is None:
+            self.skipped.append({"source": result.source.name, "reason": result.reason, "error": result.error})
+            return
+        split = "val" if _is_val(result.source.key, self.job.val_fraction) else "train"
+        self.writers[split].add_item(self.items[split], ids)
+        self.items[split] += 1
+        self.tokens[split] += len(ids)
+        self.lengths.append(len(ids))
+        self.stream_bytes.append(len(result.stream))
+
+    def close(self) -> None:
+        for split, writer in self.writers.items():
+            if self.items[split]:
+                writer.done()
+                writer.merge()
+            else:
+                shutil.rmtree(self.tmp / split, ignore_errors=True)
+        np.save(self.tmp / "lengths.npy", np.asarray(self.lengths, dtype=np.int64))
+        np.save(self.tmp / "bytes.npy", np.asarray(self.stream_bytes, dtype=np.int64))
+        summary = {"items": dict(self.items), "tokens": dict(self.tokens), "skipped": self.skipped}
+        _write_json(self.tmp / "part.json", summary)
+        final = self.job.part_dir(self.part)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, final)  # atomic: a part is either whole or absent
+
+
+def _is_val(key: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool) -> Counter:
+    todo = [p for p in range(job.num_parts) if not (job.part_dir(p) / "part.json").is_file()]
+    done_items = len(job.sources) - sum(len(job.part_sources(p)) for p in todo)
+    counts = Counter(processed=0)
+    bar = tqdm(
+        total=len(job.sources),
+        initial=done_items,
+        desc=f"prepare {job.modality}",
+        unit="item",
+        disable=not progress,
+        mininterval=1,
+    )
+    if done_items:
+        print(f"resuming: {job.num_parts - len(todo)} of {job.num_parts} parts already written", file=sys.stderr)
+    writer, seen = None, 0
+    results = _results(job, todo, job.output / "tokenizer", num_workers)
+    for part in todo:
+        writer = _PartWriter(job, part)
+        for _ in range(len(job.part_sources(part))):
+            result, ids = next(results)
+            writer.add(result, ids)
+            seen += 1
+            counts["skipped"] += ids is None
+            bar.update(1)
+            bar.set_postfix(skipped=counts["skipped"], refresh=False)
+        writer.close()
+    results.close()
+    bar.close()
+    counts["processed"] = seen
+    return counts
+
+
+# ---------------------------------------------------------------------- finish
+
+
+def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds: float) -> dict[str, Any]:
+    parts = [job.part_dir(p) for p in range(job.num_parts)]
+    summaries = [json.loads((p / "part.json").read_text()) for p in parts]
+    splits = {}
+    for split in SPLITS:
+        items = sum(s["items"].get(split, 0) for s in summaries)
+        splits[split] = {"items": items, "tokens": sum(s["tokens"].get(split, 0) for s in summaries)}
+        if items:
+            _merge_split(parts, job.output / split)
+    written = sum(v["items"] for v in splits.values())
+    if not written:
+        raise ValueError(f"none of the {len(job.sources)} inputs could be written; see the reasons above")
+    report = _report(job, tok, parts, summaries, splits, counts, seconds)
+    _write_json(job.output / "prepare_report.json", report)
+    _write_json(job.output / "codec_spec.json", tok.codec_spec)
+    meta = {
+        "format": FORMAT,
+        "modality": job.modality,
+        "num_ids": tok.num_ids,
+        "dtype": _dtype(tok),
+        "splits": splits,
+        "fingerprint": job.fingerprint,
+    }
+    _write_json(job.output / "dataset.json", meta)  # last: the dataset is complete
+    return report
+
+
+def _merge_split(parts: list[Path], target: Path) -> None:
+    """Move every part's chunks of one split into ``target`` under one litdata index (idempotent)."""
+    target.mkdir(parents=True, exist_ok=True)
+    chunks, config = [], None
+    for part in parts:
+        index_file = part / target.name / "index.json"
+        if not index_file.is_file():
+            continue
+        index = json.loads(index_file.read_text())
+        config = config or index["config"]
+        for chunk in index["chunks"]:
+            name = f"chunk-{part.name.split('-')[1]}-{chunk['filename'].rsplit('-', 1)[1]}"
+            src = part / target.name / chunk["filename"]
+            if src.exists():  # else moved by a run that was killed while merging
+                os.replace(src, target / name)
+            chunks.append({**chunk, "filename": name})
+    _write_json(target / "index.json", {"chunks": chunks, "config": config})
+
+
+def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, Any]:
+    lengths = np.concatenate([np.load(p / "lengths.npy") for p in parts])
+    stream_bytes = np.concatenate([np.load(p / "bytes.npy") for p in parts])
+    skipped = [s for summary in summaries for s in summary["skipped"]]
+    skipped += [
+        {"source": str(p), "reason": "wrong_extension", "error": "not a file type this modality reads"}
+        for p in job.ignored
+    ]
+    reasons = Counter(s["reason"] for s in skipped)
+    return {
+        "modality": job.modality,
+        "output": str(job.output),
+        "items_seen": len(job.sources) + len(job.ignored),
+        "items_written": int(len(lengths)),
+        "items_skipped": len(skipped),
+        "skipped_by_reason": dict(reasons.most_common()),
+        "splits": splits,
+        "total_tokens": int(lengths.sum()),
+        "tokens_per_item": _stats(lengths),
+        "total_stream_bytes": int(stream_bytes.sum()),
+        "stream_bytes_per_item": _stats(stream_bytes),
+        "vocab_size": tok.vocab_size,
+        "num_ids": tok.num_ids,
+        "wall_time_s": round(seconds, 3),
+        "items_processed_this_run": counts["processed"],
+        "items_per_s": round(counts["processed"] / seconds, 2) if seconds else None,
+        "skipped": skipped,
+    }
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {}
+    return {
+        "mean": round(float(values.mean()), 2),
+        "p50": float(np.percentile(values, 50)),
+        "p99": float(np.percentile(values, 99)),
+        "min": int(values.min()),
+        "max": int(values.max()),
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for people: what was written, what was skipped and why."""
+    t = report["tokens_per_item"]
+    lines = [
+        f"wrote {report['items_written']} of {report['items_seen']} inputs to {report['output']} "
+        f"(train {report['splits']['train']['items']}, val {report['splits']['val']['items']})",
+        f"tokens: {report['total_tokens']} ({t['mean']:.0f} per item, p50 {t['p50']:.0f}, p99 {t['p99']:.0f})",
+        f"skipped: {report['items_skipped']}" + "".join(f", {k}: {v}" for k, v in report["skipped_by_reason"].items()),
+        f"time: {report['wall_time_s']:.1f} s ({report['items_per_s']} items/s); details in prepare_report.json",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", required=True, choices=sorted(MODALITIES), help="what the inputs are.")
+    parser.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards; "
+        "for text: .txt files and .jsonl files (a 'text' field per line).",
+    )
+    parser.add_argument("--output", required=True, help="dataset directory to write (re-run to finish a killed job).")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: train one on the inputs).")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of inputs in the validation split.")
+    parser.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores).")
+    parser.add_argument("--max-items", type=int, default=None, help="use only the first N inputs found.")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the order in which inputs are written.")
+    parser.add_argument("--part-size", type=int, default=1024, help="inputs per part (what a killed job redoes).")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars.")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = prepare(
+        args.modality,
+        args.input,
+        args.output,
+        args.tokenizer,
+        args.val_fraction,
+        args.num_workers,
+        args.max_items,
+        args.seed,
+        args.part_size,
+        progress=not args.no_progress,
+    )
+    print(summary(report))
+    return 0
