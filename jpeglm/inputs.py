@@ -107,7 +107,8 @@ def find_sources(inputs: Sequence[str | Path], modality: str) -> Inputs:
 def _expand(item: str, key: str | None, modality: str, found: Inputs) -> None:
     path = Path(item).expanduser()
     if path.is_dir():
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        # Dangling symlinks are kept (and reported unreadable), never silently dropped.
+        for p in sorted(q for q in path.rglob("*") if q.is_file() or q.is_symlink()):
             _add_file(p, p.relative_to(path).as_posix(), modality, found, from_directory=True)
     elif path.is_file() and _is_list_file(path, modality):
         for line in path.read_text().splitlines():

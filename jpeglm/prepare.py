@@ -97,7 +97,7 @@ class PreparedDataset:
             raw = np.fromfile(directory / chunk["filename"], dtype=np.uint8)
             count = int(raw[:4].view(np.uint32)[0])
             offsets = raw[4 : 4 * (count + 2)].view(np.uint32)
-            for begin, end in zip(offsets[:-1], offsets[1:]):
+            for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
                 yield raw[begin:end].view(self.dtype)
 
 
@@ -186,13 +186,13 @@ def prepare(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    given = CodecTokenizer.load(tokenizer) if tokenizer else None
+    if given is not None and given.modality != modality:
+        raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
     found = find_sources(inputs, modality)
     sources = found.sources[:max_items] if max_items else found.sources
     random.Random(seed).shuffle(sources)
     output = Path(output)
-    given = CodecTokenizer.load(tokenizer) if tokenizer else None
-    if given is not None and given.modality != modality:
-        raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
     settings = {
         "modality": modality,
         "val_fraction": val_fraction,
