@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from jpeglm.inputs import Encoded, InputError, Source, encode_source, find_sources
 from jpeglm.tokenizer import MODALITIES, CodecTokenizer
+from jpeglm.train_tokenizer import add_codec_argument, train_tokenizer
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -160,6 +161,7 @@ def prepare(
     part_size: int = 1024,
     chunk_bytes: int = 64 * 2**20,
     progress: bool = True,
+    codec_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare inputs into token shards in ``output`` (see the module docstring); returns the report.
 
@@ -175,6 +177,8 @@ def prepare(
         part_size: inputs per part, the unit of work a killed job redoes.
         chunk_bytes: size of each litdata chunk file.
         progress: show progress bars.
+        codec_options: codec settings for the tokenizer trained here (without ``tokenizer``), e.g.
+            ``{"size": 64}``; with a tokenizer, its codec spec decides.
 
     Raises:
         InputError: missing inputs, nothing to read, or an output directory that holds something else.
@@ -189,6 +193,8 @@ def prepare(
     given = CodecTokenizer.load(tokenizer) if tokenizer else None
     if given is not None and given.modality != modality:
         raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
+    if given is not None and codec_options:
+        raise ValueError("codec options apply only when no --tokenizer is given (its codec spec decides)")
     found = find_sources(inputs, modality)
     sources = found.sources[:max_items] if max_items else found.sources
     random.Random(seed).shuffle(sources)
@@ -200,6 +206,7 @@ def prepare(
         "part_size": part_size,
         "chunk_bytes": chunk_bytes,
         "tokenizer": given.tokenizer.to_str() if given else "trained here",
+        "codec_options": codec_options or {},
     }
     job = _Job(
         modality, sources, found.ignored, output, val_fraction, part_size, chunk_bytes, _fingerprint(settings, sources)
@@ -207,7 +214,7 @@ def prepare(
     with _locked(job):
         if (done := _already_done(job)) is not None:
             return done
-        tok = _tokenizer(job, given, inputs, num_workers, progress)
+        tok = _tokenizer(job, given, inputs, num_workers, progress, codec_options)
         codec = tok.codec  # raises CodecError if this installation cannot write the tokenizer's codec
         counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
         report = _finish(job, tok, codec, counts, time.perf_counter() - start)
@@ -266,18 +273,21 @@ def _already_done(job: _Job) -> dict[str, Any] | None:
     return json.loads((job.output / "prepare_report.json").read_text())
 
 
-def _tokenizer(job: _Job, given: CodecTokenizer | None, inputs, num_workers, progress) -> CodecTokenizer:
+def _tokenizer(job: _Job, given: CodecTokenizer | None, inputs, num_workers, progress, codec_options) -> CodecTokenizer:
     target = job.output / "tokenizer"
     if given is not None:
         given.save(target)
         return given
     if (job.work / "tokenizer.done").is_file():
         return CodecTokenizer.load(target)  # trained by the run that was interrupted
-    from jpeglm.train_tokenizer import train_tokenizer
-
     print(f"no --tokenizer given: training a {job.modality} tokenizer on a sample of the inputs", file=sys.stderr)
     tok, report = train_tokenizer(
-        job.modality, list(map(str, inputs)), target, num_workers=num_workers, progress=progress
+        job.modality,
+        list(map(str, inputs)),
+        target,
+        num_workers=num_workers,
+        progress=progress,
+        codec_options=codec_options,
     )
     print(report.summary(tok, target), file=sys.stderr)
     (job.work / "tokenizer.done").touch()
@@ -546,6 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-items", type=int, default=None, help="use only the first N inputs found.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the order in which inputs are written.")
     parser.add_argument("--part-size", type=int, default=1024, help="inputs per part (what a killed job redoes).")
+    add_codec_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars.")
 
 
@@ -561,6 +572,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         args.part_size,
         progress=not args.no_progress,
+        codec_options=dict(args.codec),
     )
     print(summary(report))
     return 0

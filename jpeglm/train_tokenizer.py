@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -55,10 +57,13 @@ def train_tokenizer(
     num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    codec_options: dict[str, Any] | None = None,
 ) -> tuple[CodecTokenizer, TrainReport]:
-    """Encode up to ``max_items`` inputs with the modality's default codec, train BPE on them, save it.
+    """Encode up to ``max_items`` inputs with the modality's codec, train BPE on them, save it.
 
-    Inputs that cannot be encoded are skipped and counted by reason; training needs at least one.
+    ``codec_options`` are the codec's constructor arguments (default: the paper's settings), e.g.
+    ``{"size": 64}`` for small JPEGs; the codec's spec is saved with the tokenizer, and ``jpeglm prepare``
+    encodes with exactly that codec. Inputs that cannot be encoded are skipped and counted by reason.
     """
     start = time.perf_counter()
     report = TrainReport()
@@ -67,7 +72,9 @@ def train_tokenizer(
     if len(sources) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
         chosen = set(random.Random(seed).sample(range(len(sources)), max_items))
         sources = [s for i, s in enumerate(sources) if i in chosen]
-    codec = CODEC_FOR_MODALITY[modality]() if modality in CODEC_FOR_MODALITY else None
+    if modality == "text" and codec_options:
+        raise ValueError("text has no codec: codec options do not apply")
+    codec = CODEC_FOR_MODALITY[modality](**(codec_options or {})) if modality != "text" else None
     streams = _read_streams(codec, sources, modality, num_workers or os.cpu_count() or 1, report, progress)
     if not streams:
         raise ValueError(f"none of the {len(sources)} inputs could be read; nothing to train on")
@@ -119,7 +126,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers", type=int, default=None, help="processes that encode media (default: all cores)."
     )
     train.add_argument("--seed", type=int, default=0, help="seed of the sample taken when there are more inputs.")
+    add_codec_argument(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars.")
+
+
+def add_codec_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--codec",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_codec_option,
+        help="a codec setting other than the paper's, repeatable: e.g. --codec size=64 (JpegCodec), "
+        "--codec fps=2 (AvcCodec).",
+    )
+
+
+def _codec_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a plain string such as subsampling=4:4:4
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         args.num_workers,
         args.seed,
         progress=not args.no_progress,
+        codec_options=dict(args.codec),
     )
     print(report.summary(tokenizer, Path(args.output)))
     for line in report.skipped_paths[:20]:

@@ -376,3 +376,34 @@ def test_kill_9_then_rerun_gives_no_duplicates_and_no_gaps(photos, tokenizer_dir
     subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True)
     assert all_samples(killed) == all_samples(clean)  # same samples in the same order: nothing lost or doubled
     assert read_dataset(killed).splits["train"]["items"] + read_dataset(killed).splits["val"]["items"] == 150
+
+
+def test_codec_options_make_small_images(photos, tmp_path, capsys):
+    write_images(tmp_path / "in", small_photos(photos, 4))
+    code = main(
+        [
+            "prepare",
+            "--modality",
+            "jpeg",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--codec",
+            "size=64",
+            "--codec",
+            "quality=30",
+            "--num-workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    dataset = read_dataset(tmp_path / "out")
+    codec = dataset.codec
+    assert (codec.size, codec.quality) == (64, 30)
+    sample = next(dataset.samples("train"))
+    decoded = codec.decode(dataset.tokenizer.decode(sample))
+    assert decoded.complete
+    assert decoded.image.size == (64, 64)
+    assert len(sample) < 1000  # a 64x64 image is a few hundred tokens
