@@ -1,1 +1,5 @@
-"""Training-time callbacks: sample galleries, FID (installed as ``jpeglm.callbacks``)."""
+"""Training-time callbacks (installed as ``jpeglm.callbacks``)."""
+
+from jpeglm.callbacks.training import LogLines, SlurmRequeue, TokenThroughput
+
+__all__ = ["LogLines", "SlurmRequeue", "TokenThroughput"]

@@ -1,0 +1,131 @@
+"""Training-time callbacks that are not about samples: throughput, plain-text progress, SLURM requeue."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return batch["input_ids"].size(0)
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    return batch["input_ids"].size(0) * (batch["input_ids"].size(1) - 1)  # predicted tokens
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for jpeglm batches: tokens/s and samples/s per device and overall,
+    and MFU on GPUs with a known peak (it reads CodecLM's ``flops_per_batch``).
+
+    Args:
+        window_size: batches averaged over.
+    """
+
+    def __init__(self, window_size: int = 50) -> None:
+        super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size)
+
+
+class LogLines(Callback):
+    """One plain line of progress every ``every_n_steps`` steps (rank 0), for logs that are not terminals.
+
+    Rich's and tqdm's bars redraw one line in place; under SLURM or CI that shows as nothing (Rich) or one
+    huge line (tqdm). This prints ``step 120/1000 | train/loss 3.1234 | ... | 5432 tok/s | 0:01:02``.
+
+    Args:
+        every_n_steps: print after every this many optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = every_n_steps
+        self._start = 0.0
+        self._tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._tokens += _tokens(batch)
+        step = trainer.global_step
+        if step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        elapsed = time.perf_counter() - self._start
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
+        rate = self._tokens * trainer.world_size / max(elapsed, 1e-9)
+        print(
+            f"step {step}/{total} | {shown} | {rate:.0f} tok/s | {time.strftime('%H:%M:%S', time.gmtime(elapsed))}",
+            flush=True,
+        )
+
+
+class SlurmRequeue(Callback):
+    """Checkpoint and requeue a SLURM job when it is signalled before its time limit runs out.
+
+    Submit with ``#SBATCH --signal=USR1@90`` (see recipes/slurm/). Lightning's own handler saves the
+    checkpoint inside the signal handler, across ranks, which deadlocked 1 run in 3 here and crashed
+    ranks whose DataLoader workers got the signal too (SLURM_NOTES.md). This one only sets a flag; at the
+    next batch end all ranks agree on it, every rank saves the same ``hpc_ckpt_N.ckpt`` in
+    ``trainer.default_root_dir``, rank 0 runs ``scontrol requeue``, and training stops. When the job
+    restarts, Lightning resumes from the newest ``hpc_ckpt_N`` by itself.
+
+    Installing the handler in ``setup`` keeps Lightning from installing its own (it only does so when no
+    handler is set); use ``SLURMEnvironment(auto_requeue=False)`` in the trainer's plugins as well.
+
+    Args:
+        signal_name: the signal SLURM sends (``--signal=USR1@N``).
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signum = getattr(signal, signal_name)
+        self.requested = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True  # nothing else: the real work happens between batches, on every rank
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = hpc_checkpoint_path(trainer.default_root_dir)
+        path = trainer.strategy.broadcast(path)  # every rank writes its part of the same checkpoint
+        rank_zero_info(f"signal {self.signum} received: saving {path} and requeueing the job")
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            requeue()
+        trainer.should_stop = True
+
+
+def hpc_checkpoint_path(root: str | os.PathLike) -> str:
+    """``root/hpc_ckpt_{N+1}.ckpt`` after the newest existing one: the name Lightning resumes from on SLURM."""
+    numbers = [
+        int(m.group(1)) for p in Path(root).glob("hpc_ckpt_*") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
+    return str(Path(root) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+
+
+def requeue() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        rank_zero_warn("SlurmRequeue: not in a SLURM job (no SLURM_JOB_ID): checkpoint saved, nothing requeued")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode:
+        rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
+    else:
+        rank_zero_info(f"requeued SLURM job {job}")

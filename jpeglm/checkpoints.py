@@ -1,0 +1,66 @@
+"""Reading training checkpoints: single files and FSDP2's sharded directories alike.
+
+Lightning's ``ModelParallelStrategy`` saves a checkpoint as a directory of ``torch.distributed.checkpoint``
+shards (one per rank) plus ``meta.pt``; :func:`load_checkpoint` reads either form into one dictionary in
+memory, and ``jpeglm consolidate`` writes that dictionary to a single file that ``torch.load`` and
+``Trainer(ckpt_path=...)`` on one device can use.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dictionary (``state_dict``, ``hyper_parameters``, loop and optimizer state).
+
+    Single files are read with ``weights_only=True`` (no code runs while loading). Sharded directories are
+    gathered on the CPU: the whole model must fit in memory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "meta.pt").is_file() or not list(path.glob("*.distcp")):
+            raise ValueError(f"{path} is a directory but not a sharded Lightning checkpoint (no meta.pt / *.distcp)")
+        # Lightning's own reader for its sharded format (what its consolidate_checkpoint module runs); it
+        # uses torch.distributed.checkpoint without starting a process group.
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        checkpoint = _load_distributed_checkpoint(path)
+        return _unflatten_model_state(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unflatten_model_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Sharded checkpoints keep the model's tensors under ``state_dict`` already; older layouts put them at the top."""
+    if "state_dict" not in checkpoint:
+        state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in state} | {"state_dict": state}
+    return checkpoint
+
+
+def consolidate(path: str | Path, output: str | Path) -> Path:
+    """Write a (sharded) checkpoint as a single file."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose another --output")
+    checkpoint = load_checkpoint(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, output)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint: an FSDP2 sharded directory (or a single file).")
+    parser.add_argument("--output", required=True, help="the single file to write.")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = consolidate(args.checkpoint, args.output)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0

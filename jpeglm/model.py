@@ -1,0 +1,276 @@
+"""CodecLM: a litgpt ``GPT`` (Llama-2 shape by default) trained from scratch on codec tokens.
+
+The model knows nothing about codecs: it reads blocks of token ids and predicts the next one. What
+it adds around litgpt's ``GPT``:
+
+- ``configure_model`` builds the network under the strategy. With Lightning's ``ModelParallelStrategy``
+  the model is created on the meta device (no full fp32 copy on any rank), optionally wrapped for
+  activation checkpointing and compiled per block, then sharded with FSDP2 ``fully_shard`` per
+  transformer block and at the root (:func:`shard_fsdp2`); Lightning materialises the shards and
+  calls each module's ``reset_parameters``, which is where the initialisation below happens.
+- Initialisation (from scratch, no pretrained weights): litgpt's pretraining init, GPT-NeoX style
+  (arXiv 2204.06745): embeddings and linear layers ~ N(0, sqrt(2 / (5 d))), the output projections
+  of attention and MLP ~ N(0, 1 / (sqrt(d) n_layer)), biases zero, norms one.
+- AdamW (weight decay on matrices only, none on norms and biases), linear warmup then cosine decay to
+  ``min_lr_ratio * learning_rate`` over ``trainer.max_steps``, gradient clipping by norm.
+- Logged: loss, bits per byte of the codec stream (when the data module gives token byte lengths),
+  per-modality loss, learning rate, gradient norm; ``flops_per_batch`` for Lightning's ThroughputMonitor.
+- A non-finite loss skips the step on every rank with a counted warning; ``max_bad_steps`` in a row stop
+  the run with a message that says what to try.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from litgpt import GPT, Config
+from litgpt.model import CausalSelfAttention, LLaMAMLP
+from litgpt.utils import estimate_flops
+from torch import nn
+
+from jpeglm.tokenizer import MODALITIES
+
+_MODALITY_NAMES = {tag: name for name, tag in MODALITIES.items()}
+
+
+class CodecLM(L.LightningModule):
+    """A litgpt GPT trained from scratch to write codec byte streams.
+
+    Args:
+        model_name: a litgpt config name (``litgpt.Config.from_name``), e.g. "Llama-2-7b-hf".
+        model_overrides: litgpt ``Config`` fields to change, e.g. ``{"n_layer": 2, "n_embd": 128}``.
+        vocab_size: ids in the vocabulary (linked from the data module).
+        seq_len: tokens per training sequence, the model's ``block_size`` (linked from the data module).
+        learning_rate: peak learning rate (the paper: 3e-4).
+        min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * learning_rate``.
+        warmup_steps: linear warmup from 0 over this many optimizer steps.
+        weight_decay: AdamW weight decay on weight matrices (the paper's recipe: 0.1).
+        betas: AdamW betas.
+        grad_clip: clip the gradient norm to this value (None: no clipping; the norm is logged anyway).
+        activation_checkpointing: recompute each transformer block in the backward pass to save memory.
+        compile: ``torch.compile`` each transformer block.
+        max_bad_steps: stop after this many non-finite losses in a row.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "Llama-2-7b-hf",
+        model_overrides: dict[str, Any] | None = None,
+        vocab_size: int = 328,
+        seq_len: int = 12288,
+        learning_rate: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 2000,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        grad_clip: float | None = 1.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        max_bad_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = model_config(model_name, vocab_size, {**(model_overrides or {}), "block_size": seq_len})
+        self.model: GPT | None = None
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes each id stands for, from the data module
+
+    # ------------------------------------------------------------------ building
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this again, e.g. when testing after fitting
+            return
+        model = GPT(self.config)
+        set_init(model, self.config)
+        if not any(p.is_meta for p in model.parameters()):
+            reset_parameters(model)  # meta tensors are initialised when the strategy materialises them
+        if self.hparams.activation_checkpointing:
+            checkpoint_blocks(model)
+        if self.hparams.compile:
+            for block in model.transformer.h:
+                block.compile()
+        if self.device_mesh is not None:  # ModelParallelStrategy
+            shard_fsdp2(model, self.device_mesh["data_parallel"])
+        self.model = model
+        self.flops_per_batch = None  # set from the first batch (it depends on the micro-batch size)
+
+    def setup(self, stage: str) -> None:
+        lengths = getattr(getattr(self.trainer, "datamodule", None), "token_byte_lengths", None)
+        if lengths is not None:
+            self.token_bytes = torch.as_tensor(lengths, dtype=torch.float32)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)  # (B, T, vocab)
+
+    # ------------------------------------------------------------------ steps
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"].long()  # (B, T + 1)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits = self(inputs)  # (B, T, vocab)
+        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
+            targets
+        )  # (B, T), nats per token
+        return losses, targets
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        losses, targets = self._losses(batch)
+        loss = losses.mean()
+        if self._skip_non_finite(loss):
+            return None
+        if self.flops_per_batch is None and self.model is not None:
+            self.flops_per_batch = estimate_flops(self.model, training=True) * targets.size(0)
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_details("train", losses, targets, batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        losses, targets = self._losses(batch)
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
+        self._log_details("val", losses, targets, batch, sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        losses, targets = self._losses(batch)
+        self.log("test/loss", losses.mean(), sync_dist=True)
+        self._log_details("test", losses, targets, batch, sync_dist=True)
+
+    def _log_details(self, stage: str, losses, targets, batch, sync_dist: bool = False) -> None:
+        if self.token_bytes is not None:
+            self.token_bytes = self.token_bytes.to(losses.device)
+            nbytes = self.token_bytes[targets.clamp(max=len(self.token_bytes) - 1)].sum()
+            bpb = losses.sum() / math.log(2) / nbytes.clamp(min=1)
+            self.log(f"{stage}/bits_per_byte", bpb, prog_bar=stage != "train", sync_dist=sync_dist)
+        modality = batch.get("modality")
+        if modality is not None and modality.unique().numel() > 1:
+            per_sequence = losses.mean(dim=1)  # (B,)
+            for tag in modality.unique().tolist():
+                name = _MODALITY_NAMES.get(tag, str(tag))
+                self.log(f"{stage}/loss_{name}", per_sequence[modality == tag].mean(), sync_dist=sync_dist)
+
+    def _skip_non_finite(self, loss: torch.Tensor) -> bool:
+        """True (on every rank) when any rank's loss is NaN/inf: the step is skipped everywhere."""
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # all ranks must skip together, or the others hang in backward
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self.bad_steps = 0
+            return False
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        warnings.warn(
+            f"non-finite loss at step {self.global_step}: step skipped ({self.skipped_steps} so far)", stacklevel=2
+        )
+        if self.bad_steps >= self.hparams.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_steps} non-finite losses in a row (step {self.global_step}): training diverged. "
+                "Lower model.learning_rate, raise model.warmup_steps, set model.grad_clip, or resume from an "
+                "earlier checkpoint."
+            )
+        return True
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]  # norms, biases
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",
+        )
+        # The schedule comes from max_steps, never from estimated_stepping_batches: reading that while
+        # max_epochs is set drops the data loader's restored state (litdata #775, Lightning #20550).
+        total = self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError("set trainer.max_steps: the learning-rate schedule is defined over it")
+        schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, min_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # One norm computation serves both logging and clipping; it works on FSDP2's DTensor gradients.
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else math.inf
+        params = [p for p in self.parameters() if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.log("train/grad_norm", norm)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------- model surgery
+
+
+def set_init(model: GPT, config: Config) -> None:
+    """Make each module's ``reset_parameters`` apply litgpt's pretraining init (see the module docstring)."""
+
+    def normal(module: nn.Module, std: float) -> None:
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.Linear)):
+            module.reset_parameters = partial(normal, module, std=math.sqrt(2.0 / 5 / config.n_embd))
+    for module in model.modules():  # a second pass: these projections are nn.Linear too
+        if isinstance(module, (LLaMAMLP, CausalSelfAttention)):
+            std = 1 / math.sqrt(config.n_embd) / config.n_layer
+            module.proj.reset_parameters = partial(normal, module.proj, std=std)
+
+
+def reset_parameters(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Recompute each transformer block in the backward pass instead of storing its activations."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.transformer.h):
+        model.transformer.h[i] = checkpoint_wrapper(block)
+
+
+def shard_fsdp2(model: GPT, mesh: Any) -> None:
+    """FSDP2: shard every transformer block, then the root (embedding, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def model_config(model_name: str, vocab_size: int, overrides: dict[str, Any] | None = None) -> Config:
+    """A litgpt config with our vocabulary: embedding and head rows padded to a multiple of 64 (fast matmuls).
+
+    Named configs such as Llama-2's fix ``padded_vocab_size`` at 32000, so it is set here explicitly.
+    """
+    padded = -(-vocab_size // 64) * 64
+    return Config.from_name(model_name, **{"padded_vocab_size": padded, **(overrides or {}), "vocab_size": vocab_size})
+
+
+def count_parameters(model_name: str, vocab_size: int, overrides: dict[str, Any] | None = None) -> int:
+    """Parameters of a model built on the meta device (nothing allocated), e.g. to check a 7B recipe."""
+    config = model_config(model_name, vocab_size, overrides)
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())

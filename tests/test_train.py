@@ -1,0 +1,188 @@
+"""`jpeglm fit` end to end on CPU: one process, FSDP2 over two processes, two "nodes", kill -9 and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from jpeglm.model import CodecLM
+from jpeglm.prepare import prepare
+
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_query_groups": 2, "intermediate_size": 172}
+FIT = [sys.executable, "-m", "jpeglm.cli", "fit"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(photos, tmp_path_factory) -> Path:
+    """64x64 JPEG crops of the fixture photos, prepared (a few hundred tokens each)."""
+    root = tmp_path_factory.mktemp("train_data")
+    (root / "in").mkdir()
+    for i in range(48):
+        im = Image.open(photos[i % len(photos)]).convert("RGB")
+        shift = (i // len(photos)) * 11
+        im.crop((shift, shift, shift + 220, shift + 220)).resize((64, 64)).save(root / "in" / f"{i}.png")
+    prepare(
+        "jpeg",
+        [root / "in"],
+        root / "data",
+        val_fraction=0.15,
+        num_workers=1,
+        progress=False,
+        codec_options={"size": 64},
+    )
+    return root / "data"
+
+
+def write_config(path: Path, data_dir: Path, run_dir: Path, **trainer) -> Path:
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 8,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 2,
+            "val_check_interval": 4,
+            "check_val_every_n_epoch": None,
+            "default_root_dir": str(run_dir),
+            "deterministic": True,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}},
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(run_dir / "checkpoints"),
+                        "every_n_train_steps": 2,
+                        "save_last": True,
+                        "save_top_k": -1,
+                        "save_on_train_epoch_end": True,
+                    },
+                }
+            ],
+            **trainer,
+        },
+        "model": {"model_overrides": TINY, "learning_rate": 3e-3, "warmup_steps": 2},
+        "data": {
+            "class_path": "jpeglm.data_modules.codec.CodecDataModule",
+            "init_args": {"data_dir": str(data_dir), "seq_len": 128, "batch_size": 2},
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_fit_single_process_writes_checkpoints_and_metrics(tiny_data, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run")
+    run([*FIT, "--config", str(config)])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    metrics = (next((tmp_path / "run").rglob("metrics.csv"))).read_text().splitlines()[0]
+    for name in ("train/loss", "train/bits_per_byte", "val/loss", "val/bits_per_byte", "train/grad_norm", "train/lr"):
+        assert name in metrics
+
+
+def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(tiny_data, tmp_path):
+    straight = write_config(tmp_path / "a.yaml", tiny_data, tmp_path / "a", max_steps=12)
+    run([*FIT, "--config", str(straight)])
+
+    killed_dir = tmp_path / "b"
+    killed = write_config(tmp_path / "b.yaml", tiny_data, killed_dir, max_steps=12)
+    process = subprocess.Popen([*FIT, "--config", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = killed_dir / "checkpoints" / "epoch=0-step=6.ckpt"  # written only after step 4's checkpoint is whole
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists(), "the run ended before it could be killed"
+    assert not (killed_dir / "checkpoints" / "epoch=0-step=12.ckpt").exists()
+
+    resume_from = killed_dir / "checkpoints" / "epoch=0-step=4.ckpt"
+    run([*FIT, "--config", str(killed), "--ckpt_path", str(resume_from)])
+    a = weights(tmp_path / "a" / "checkpoints" / "epoch=0-step=12.ckpt")
+    b = weights(killed_dir / "checkpoints" / "epoch=0-step=12.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_train_checkpoint_resume_and_consolidate(tiny_data, tmp_path):
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
+    config = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", devices=2, strategy=strategy, max_steps=4)
+    run([*FIT, "--config", str(config)], env={"MASTER_PORT": str(free_port())})
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir(), "FSDP2 checkpoints are saved sharded: a directory"
+    assert len(list(last.glob("*.distcp"))) == 2
+
+    result = run(
+        [*FIT, "--config", str(config), "--ckpt_path", str(last), "--trainer.max_steps=6"],
+        env={"MASTER_PORT": str(free_port())},
+    )
+    assert "Restoring states from the checkpoint path" in result.stdout + result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt").is_dir()
+
+    single = tmp_path / "consolidated.ckpt"
+    run([sys.executable, "-m", "jpeglm.cli", "consolidate", str(last), "--output", str(single)])
+    state = weights(single)
+    model = CodecLM(
+        model_overrides=TINY,
+        vocab_size=torch.load(single, weights_only=True)["hyper_parameters"]["vocab_size"],
+        seq_len=128,
+    )
+    model.configure_model()
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    assert not missing
+    assert not unexpected
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_together(tiny_data, tmp_path):
+    port = str(free_port())
+    config = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", num_nodes=2, strategy="ddp", max_steps=4)
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    nodes = [
+        subprocess.Popen(
+            [*FIT, "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **base, "NODE_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").is_file()
