@@ -64,3 +64,44 @@ def run(args: argparse.Namespace) -> int:
     out = consolidate(args.checkpoint, args.output)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, list[Any]]:
+    """A trained CodecLM in eval mode and the sources (tokenizers, codecs, id offsets) stored with it.
+
+    Raises:
+        ValueError: the checkpoint was not written by a jpeglm training run (no hyperparameters or sources).
+        CodecError: a stored codec spec that this installation would decode into garbage.
+    """
+    from jpeglm.model import CodecLM
+    from jpeglm.sources import from_records
+
+    checkpoint = load_checkpoint(path)
+    if "hyper_parameters" not in checkpoint or not checkpoint.get("jpeglm_sources"):
+        raise ValueError(f"{path} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
+    model = CodecLM(**checkpoint["hyper_parameters"])
+    model.configure_model()
+    model.load_state_dict(checkpoint["state_dict"])
+    model.sources = checkpoint["jpeglm_sources"]
+    return model.to(device).eval(), from_records(checkpoint["jpeglm_sources"])
+
+
+def check_tokenizer(sources: list[Any], tokenizer_dir: str | Path | None) -> None:
+    """Refuse a user-given tokenizer that differs from the one the checkpoint was trained with."""
+    if tokenizer_dir is None:
+        return
+    from jpeglm.tokenizer import CodecTokenizer
+
+    given = CodecTokenizer.load(tokenizer_dir)
+    for source in sources:
+        if source.modality == given.modality:
+            if source.tokenizer.tokenizer.to_str() != given.tokenizer.to_str():
+                raise ValueError(
+                    f"tokenizer {tokenizer_dir} is not the {given.modality} tokenizer this model was "
+                    "trained with (its vocabulary or merges differ); leave --tokenizer out to use the "
+                    "checkpoint's own"
+                )
+            if source.tokenizer.codec_spec != given.codec_spec:
+                raise ValueError(f"tokenizer {tokenizer_dir} carries another codec spec than the checkpoint's")
+            return
+    raise ValueError(f"the model was not trained on {given.modality!r} (it knows {[s.modality for s in sources]})")

@@ -13,6 +13,7 @@ it adds around litgpt's ``GPT``:
   of attention and MLP ~ N(0, 1 / (sqrt(d) n_layer)), biases zero, norms one.
 - AdamW (weight decay on matrices only, none on norms and biases), linear warmup then cosine decay to
   ``min_lr_ratio * learning_rate`` over ``trainer.max_steps``, gradient clipping by norm.
+- Checkpoints carry the tokenizers and codec specs of the data (``jpeglm_sources``, see jpeglm/sources.py).
 - Logged: loss, bits per byte of the codec stream (when the data module gives token byte lengths),
   per-modality loss, learning rate, gradient norm; ``flops_per_batch`` for Lightning's ThroughputMonitor.
 - A non-finite loss skips the step on every rank with a counted warning; ``max_bad_steps`` in a row stop
@@ -33,6 +34,7 @@ from litgpt.model import CausalSelfAttention, LLaMAMLP
 from litgpt.utils import estimate_flops
 from torch import nn
 
+from jpeglm.sources import sources_of, to_records
 from jpeglm.tokenizer import MODALITIES
 
 _MODALITY_NAMES = {tag: name for name, tag in MODALITIES.items()}
@@ -80,6 +82,7 @@ class CodecLM(L.LightningModule):
         self.bad_steps = 0
         self.skipped_steps = 0
         self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes each id stands for, from the data module
+        self.sources: list[dict[str, Any]] = []  # what the ids mean (jpeglm.sources records), saved in checkpoints
 
     # ------------------------------------------------------------------ building
 
@@ -101,9 +104,19 @@ class CodecLM(L.LightningModule):
         self.flops_per_batch = None  # set from the first batch (it depends on the micro-batch size)
 
     def setup(self, stage: str) -> None:
-        lengths = getattr(getattr(self.trainer, "datamodule", None), "token_byte_lengths", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        lengths = getattr(datamodule, "token_byte_lengths", None)
         if lengths is not None:
             self.token_bytes = torch.as_tensor(lengths, dtype=torch.float32)
+        self.sources = to_records(sources_of(datamodule)) or self.sources
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Tokenizers and codec specs travel with the weights: sampling and export need nothing else.
+        if self.sources:
+            checkpoint["jpeglm_sources"] = self.sources
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.sources = checkpoint.get("jpeglm_sources", self.sources)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)  # (B, T, vocab)

@@ -1,0 +1,210 @@
+"""A small procedural dataset made in-process: the tiny recipe and the tests train on it with no download.
+
+Images are gradients with a few flat shapes and, sometimes, a stripe texture: structure a tiny model can
+learn within minutes (flat regions, edges, repeated MCUs), all drawn deterministically from ``seed``. Videos
+are the same scenes with the shapes moving. The set is written once into a cache directory keyed by its
+settings, a tokenizer is trained on it and ``jpeglm.prepare.prepare`` turns it into shards; after that the
+data module is a :class:`~jpeglm.data_modules.codec.CodecDataModule` over that directory.
+
+Two processes (ranks) may start at once: whoever holds the lock file builds the directory, the others wait for
+the lock and then find it complete (``dataset.json`` is written last). Lightning calls ``prepare_data`` on one
+process per node; ``setup`` (and anything that reads the vocabulary) makes sure of it on every process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jpeglm.codecs import AvcCodec, JpegCodec
+from jpeglm.data_modules.codec import PreparedDataModule
+from jpeglm.prepare import PreparedDataset, read_dataset
+from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, CodecTokenizer
+
+__all__ = ["SyntheticDataModule", "procedural_clip", "procedural_image"]
+
+_VERSION = 1  # bump when the pictures change, so old caches are not reused
+_VIDEO_FPS, _VIDEO_SECONDS = 3, 2
+
+
+def procedural_image(seed: int, index: int, size: int) -> Image.Image:
+    """One ``size`` x ``size`` RGB picture: a gradient, maybe stripes, and 1-3 flat shapes."""
+    return _scene(np.random.default_rng([seed, index]), size, size)(0.0)
+
+
+def procedural_clip(seed: int, index: int, width: int, height: int, frames: int) -> list[np.ndarray]:
+    """``frames`` RGB frames ``(height, width, 3)`` of one scene whose shapes move in straight lines."""
+    draw = _scene(np.random.default_rng([seed, index]), width, height)
+    return [np.asarray(draw(t / max(frames - 1, 1))) for t in range(frames)]
+
+
+def _scene(rng: np.random.Generator, width: int, height: int):
+    """A function of time ``t`` in [0, 1] that draws one scene (fixed by ``rng``) at that time."""
+    c0, c1 = rng.integers(0, 256, (2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy - min(0, np.cos(angle)) - min(0, np.sin(angle))) / 1.5
+    background = c0 + (c1 - c0) * ramp[..., None]  # (H, W, 3)
+    if rng.random() < 0.4:  # stripes: a texture that repeats across MCUs
+        period = rng.uniform(4, 16) / max(width, height)
+        along = xx if rng.random() < 0.5 else yy
+        background += 40 * np.sign(np.sin(2 * np.pi * along / period))[..., None]
+    background = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    shapes = []
+    for _ in range(rng.integers(1, 4)):
+        kind = rng.choice(["ellipse", "rectangle", "triangle"])
+        w, h = rng.uniform(0.15, 0.5, 2) * (width, height)
+        start = rng.uniform(0, 1, 2) * (width - w, height - h)
+        end = rng.uniform(0, 1, 2) * (width - w, height - h)
+        shapes.append((kind, tuple(int(c) for c in rng.integers(0, 256, 3)), w, h, start, end))
+
+    def draw(t: float) -> Image.Image:
+        image = background.copy()
+        pen = ImageDraw.Draw(image)
+        for kind, color, w, h, start, end in shapes:
+            x, y = start + t * (end - start)
+            box = [x, y, x + w, y + h]
+            if kind == "ellipse":
+                pen.ellipse(box, fill=color)
+            elif kind == "rectangle":
+                pen.rectangle(box, fill=color)
+            else:
+                pen.polygon([(x, y + h), (x + w / 2, y), (x + w, y + h)], fill=color)
+        return image
+
+    return draw
+
+
+class SyntheticDataModule(PreparedDataModule):
+    """A ``CodecDataModule`` over procedural images (or clips) that it makes and prepares itself.
+
+    The set is built on first use (``prepare_data``, ``setup`` or reading :attr:`vocab_size`) in
+    ``cache_dir``, under a name made from the settings, and reused from then on.
+
+    Args:
+        seq_len: tokens the model sees per sequence; blocks hold ``seq_len + 1`` ids.
+        batch_size: sequences per batch on each rank.
+        num_images: pictures (or clips, for ``modality="avc"``) to make.
+        image_size: side of the square pictures in pixels (a multiple of 16); clips are ``image_size`` wide
+            and three quarters as high, at 3 frames per second for 2 seconds.
+        modality: "jpeg" (pictures) or "avc" (clips).
+        tokenizer_vocab_size: BPE symbols of the tokenizer trained on the set (default: 320 jpeg, 1024 avc; fewer are
+            learned when the set has too few repeated pairs).
+        val_fraction: share of the set in the validation split.
+        cache_dir: where prepared sets are kept (default: ``$JPEGLM_CACHE`` or ``~/.cache/jpeglm``, then
+            ``synthetic/``).
+        num_workers: loader worker processes per rank (0: load in the training process).
+        seed: seed of the pictures and of the shuffle.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        batch_size: int,
+        num_images: int = 256,
+        image_size: int = 64,
+        modality: str = "jpeg",
+        tokenizer_vocab_size: int | None = None,
+        val_fraction: float = 0.05,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        if modality not in ("jpeg", "avc"):
+            raise ValueError(f"modality must be 'jpeg' or 'avc', got {modality!r}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if image_size < 16 or image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+        self.settings = {
+            "version": _VERSION,
+            "modality": modality,
+            "num_images": num_images,
+            "image_size": image_size,
+            "vocab_size": tokenizer_vocab_size or DEFAULT_VOCAB_SIZE[modality],
+            "val_fraction": val_fraction,
+            "seed": seed,
+        }
+        key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+        root = Path(cache_dir or os.environ.get("JPEGLM_CACHE", "~/.cache/jpeglm")).expanduser()
+        if cache_dir is None:
+            root = root / "synthetic"
+        data_dir = root / f"{modality}-{num_images}x{image_size}-{key}"
+        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle=True, seed=seed)
+        self.save_hyperparameters()
+
+    @cached_property
+    def dataset(self) -> PreparedDataset:
+        """The prepared set (made first if it is not in the cache yet)."""
+        self.prepare_data()
+        return read_dataset(self.data_dir)
+
+    def prepare_data(self) -> None:
+        """Make and prepare the set unless the cache already holds it; safe when processes race."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir.with_name(self.data_dir.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process builds it
+            if not (self.data_dir / "dataset.json").is_file():
+                self._build()
+
+    def _build(self) -> None:
+        from jpeglm.prepare import prepare
+
+        inputs = self.data_dir.with_name(self.data_dir.name + ".inputs")
+        tokenizer_dir = self.data_dir.with_name(self.data_dir.name + ".tokenizer")
+        for leftover in (inputs, tokenizer_dir, self.data_dir):  # of a process killed while building
+            shutil.rmtree(leftover, ignore_errors=True)
+        inputs.mkdir()
+        modality, size = self.settings["modality"], self.settings["image_size"]
+        if modality == "jpeg":
+            codec, files = JpegCodec(size=size), self._write_images(inputs, size)
+        else:
+            codec = AvcCodec(width=size, height=size * 3 // 4, fps=_VIDEO_FPS, seconds=_VIDEO_SECONDS)
+            files = self._write_clips(inputs, codec)
+        streams = [codec.encode(path) for path in files]
+        tokenizer = CodecTokenizer.train(streams, modality, self.settings["vocab_size"], codec_spec=codec.spec)
+        tokenizer.save(tokenizer_dir)
+        prepare(
+            modality,
+            [str(inputs)],
+            self.data_dir,
+            tokenizer=tokenizer_dir,
+            val_fraction=self.settings["val_fraction"],
+            num_workers=1,  # in this process: spawning workers costs more than the set takes
+            seed=self.settings["seed"],
+            progress=False,
+        )
+        shutil.rmtree(tokenizer_dir)  # prepare copied it into the dataset directory
+
+    def _write_images(self, directory: Path, size: int) -> list[Path]:
+        paths = []
+        for index in range(self.settings["num_images"]):
+            path = directory / f"image-{index:06d}.png"
+            procedural_image(self.settings["seed"], index, size).save(path)
+            paths.append(path)
+        return paths
+
+    def _write_clips(self, directory: Path, codec: AvcCodec) -> list[Path]:
+        import av
+
+        paths = []
+        for index in range(self.settings["num_images"]):
+            path = directory / f"clip-{index:06d}.mp4"
+            frames = procedural_clip(self.settings["seed"], index, codec.width, codec.height, codec.frames_per_clip)
+            with av.open(str(path), "w") as container:
+                stream = container.add_stream("libx264", rate=codec.fps)
+                stream.width, stream.height, stream.pix_fmt = codec.width, codec.height, "yuv420p"
+                stream.options = {"preset": "ultrafast", "qp": "10", "threads": "1"}
+                for frame in frames:
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                container.mux(stream.encode(None))
+            paths.append(path)
+        return paths
