@@ -369,6 +369,22 @@ class AvcCodec:
             )
         return bytes(stream[: starts[frames]])
 
+    def stream_end(self, stream: bytes) -> int | None:
+        """Length of the first whole clip at the start of ``stream``, or None while it may still grow.
+
+        A clip is whole once the next frame has begun: the result is the offset of the start code that
+        opens frame ``frames_per_clip + 1`` (where :meth:`prompt` would cut), known as soon as that frame's
+        first slice header is in the stream. A stream of exactly one clip has no end here (the model ends
+        it with eos). Used to stop generation as soon as a clip is written (``jpeglm.generation.codec_stop``).
+        """
+        # A quick necessary test first (parsing every NAL unit at each generated token is slow): count start
+        # codes followed by a VCL NAL header (nal_unit_type 1-5, any nal_ref_idc) whose first_mb_in_slice is 0.
+        vcl = rb"[\x01-\x05\x21-\x25\x41-\x45\x61-\x65\x81-\x85\xa1-\xa5\xc1-\xc5\xe1-\xe5]"
+        if len(re.findall(rb"\x00\x00\x01" + vcl + rb"[\x80-\xff]", stream)) <= self.frames_per_clip:
+            return None
+        starts = _frame_starts(_nal_units(bytes(stream)))
+        return starts[self.frames_per_clip] if len(starts) > self.frames_per_clip else None
+
     def to_mp4(self, stream: bytes) -> bytes:
         """Wrap an Annex-B stream in a playable MP4 (no re-encoding), frames timed at ``1/fps``.
 

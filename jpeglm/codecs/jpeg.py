@@ -277,6 +277,20 @@ class JpegCodec:
             pos += 2
         return stream[:pos]
 
+    def stream_end(self, stream: bytes) -> int | None:
+        """Length of the first whole image at the start of ``stream``, or None while its scan has not ended.
+
+        The image ends just after the marker that ends its scan: the EOI marker (FFD9) in every stream
+        :meth:`encode` writes. Model output may end the scan with another marker instead; :meth:`decode`
+        reads nothing after that marker either, so the image ends there too. Used to stop generation as
+        soon as an image is written (see ``jpeglm.generation.codec_stop``).
+        """
+        start = len(self.header) if stream.startswith(self.header) else _scan_start(stream)
+        if not start:
+            return None  # no scan header yet
+        end = _END_OF_SCAN.search(stream, start)
+        return None if end is None else end.end()
+
     # ------------------------------------------------------------------ decode
 
     def decode(self, stream: bytes) -> DecodedImage:

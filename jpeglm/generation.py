@@ -1,0 +1,425 @@
+"""Batched sampling from a CodecLM (or any litgpt ``GPT``) with litgpt's KV cache.
+
+:func:`generate` continues a batch of prompts one token per step. Prompts may differ in length: the
+shortest common length is prefilled for the whole batch at once, then every sequence advances one
+position per step, and a sequence still inside its prompt is fed its own next prompt id instead of a
+sampled one. Sequences are never padded (all start at position 0), so the cache holds for each one
+exactly what prefilling its prompt alone would have put there.
+
+The model knows nothing about codecs; the codec-aware parts come from the caller:
+
+- ``allowed``: which ids may be drawn, e.g. :func:`modality_mask` / :func:`tokenizer_mask` (inside an
+  image only the JPEG tokenizer's BPE ids and eos; never pad, bos, another modality's tag or ids).
+- ``stop``: when a sequence is done, e.g. :func:`codec_stop` (the codec says the image or clip is whole).
+
+Prompts (:func:`make_prompt`): ``[bos, tag]`` for an unconditional sample, ``[bos, tag] +
+tokenizer.encode(codec.prompt(stream, ...))`` to complete a partial image or clip.
+
+Sampling is reproducible from ``seed`` (one ``torch.Generator`` on the model's device). With an FSDP2
+sharded model call :func:`generate` on every rank with the same prompts and seed: every rank runs the
+same forwards and draws the same ids; nothing here depends on the rank.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from litgpt import GPT
+
+from jpeglm.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL, CodecTokenizer
+
+_PREFILL_CHUNK = 1024  # positions per forward when filling the KV cache with the prompts
+
+Stop = Callable[[list[int]], int | None]
+"""Called with a sequence (prompt + ids generated so far) after each generated id: a length to cut it to
+(which ends it), or None to go on."""
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one id per row of ``logits``; ids whose logit is -inf are never drawn.
+
+    Args:
+        logits: (B, V) unnormalised log-probabilities.
+        temperature: divides the logits; 0 takes the most likely id (greedy, no randomness).
+        top_k: keep only the ``top_k`` most likely ids of each row (None: all).
+        top_p: then keep the smallest set of most likely ids whose probability reaches ``top_p``
+            (nucleus sampling; 1.0 keeps all).
+        generator: the source of randomness, for draws reproducible from a seed.
+
+    Returns:
+        (B,) int64 ids.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float()  # (B, V)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = _keep_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = _keep_top_p(logits, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) logits with all but the ``k`` largest of each row set to -inf."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    values, indices = torch.topk(logits, min(k, logits.size(-1)))  # (B, k) each
+    # Scatter the k winners into -inf rather than nanoGPT's `torch.where(logits < values[:, [-1]], -inf, ...)`:
+    # that keeps every id tied with the k-th, so more than k (litgpt's comment on top-k collisions).
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+
+
+def _keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, V) logits outside each row's nucleus (the most likely ids that together reach ``p``) set to -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely ids: 0 for the top id, which always stays
+    drop = before >= p  # (B, V), in sorted order
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+@dataclass
+class _Sampler:
+    """Draws the next id of each running sequence from the model's logits, under the ``allowed`` mask."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float
+    generator: torch.Generator
+    vocab_size: int
+    allowed: torch.Tensor | None  # (V,) or (B, V) bool
+
+    def __call__(self, logits: torch.Tensor, prompts: list[int]) -> torch.Tensor:
+        logits = logits[:, : self.vocab_size]  # (A, V): the padding columns of the head are no ids
+        if self.allowed is not None:
+            allowed = self.allowed if self.allowed.dim() == 1 else self.allowed[prompts]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, self.generator)  # (A,)
+
+
+# ---------------------------------------------------------------------- generate
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
+    allowed: torch.Tensor | None = None,
+    stop: Stop | None = None,
+    eos_id: int | None = EOS_ID,
+    use_kv_cache: bool = True,
+) -> list[list[int]]:
+    """Continue every prompt with up to ``max_new_tokens`` sampled ids, all prompts in one batch.
+
+    A sequence ends at ``eos_id`` (kept as its last id), when ``stop`` cuts it, or after
+    ``max_new_tokens`` new ids; the loop ends when every sequence has ended, and ended sequences leave
+    the batch. Each prompt is an exact prefix of its output. The model runs in eval mode under
+    ``torch.inference_mode`` (``no_grad`` if FSDP2-sharded); its training mode is restored and the KV
+    cache cleared afterwards.
+
+    Args:
+        model: a litgpt ``GPT``, or a module holding one as ``.model`` (:class:`~jpeglm.model.CodecLM`).
+        prompts: the ids to continue, at least one each (e.g. ``[bos, tag]``); lengths may differ.
+        max_new_tokens: most ids generated per sequence.
+        temperature: see :func:`sample_logits`; 0 is greedy.
+        top_k: see :func:`sample_logits`.
+        top_p: see :func:`sample_logits`.
+        seed: seeds the generator: the same seed gives the same ids (on every rank).
+        allowed: bool (vocab_size,), or (len(prompts), vocab_size) for one mask per prompt: the ids that may
+            be drawn (e.g. :func:`tokenizer_mask`). Prompt ids are not checked. The head's padding columns
+            beyond ``vocab_size`` are never drawn either way.
+        stop: called after each generated id with the sequence so far (prompt + generated ids; the same
+            list, grown, at every call): a returned length ``n`` cuts the sequence to its first ``n`` ids
+            (never into the prompt) and ends it. E.g. :func:`codec_stop`.
+        eos_id: the id that ends a sequence (None: no id does).
+        use_kv_cache: False recomputes the whole forward at every step (the benchmark's baseline); the
+            ids are the same either way.
+
+    Returns:
+        One list per prompt: the prompt followed by the generated ids.
+    """
+    gpt = model.model if isinstance(getattr(model, "model", None), GPT) else model
+    if not isinstance(gpt, GPT):
+        raise TypeError(f"expected a litgpt GPT or a module holding one as .model (configured), got {type(model)}")
+    prompts = [[int(i) for i in p] for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("give at least one prompt, each of at least one id (e.g. [bos, tag])")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > gpt.max_seq_length:
+        raise ValueError(
+            f"the longest prompt ({longest} ids) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {gpt.max_seq_length} tokens"
+        )
+    device = gpt.lm_head.weight.device
+    sampler = _Sampler(
+        temperature,
+        top_k,
+        top_p,
+        torch.Generator(device=device).manual_seed(seed),
+        gpt.config.vocab_size,
+        _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device),
+    )
+    training = model.training
+    model.eval()
+    try:
+        with _without_autograd(gpt):
+            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache)
+    finally:
+        gpt.clear_kv_cache()
+        model.train(training)
+
+
+def _without_autograd(gpt: GPT) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode()``, or ``torch.no_grad()`` for an FSDP2-sharded model: FSDP2 reuses the buffers
+    it all-gathers parameters into, and ones made under inference mode break the next training step
+    ("Inplace update to inference tensor outside InferenceMode", measured with torch 2.14 on CPU)."""
+    return torch.no_grad() if _is_fsdp2(gpt) else torch.inference_mode()
+
+
+def _is_fsdp2(gpt: GPT) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in gpt.modules())
+
+
+def _generate(
+    gpt: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampler: _Sampler,
+    stop: Stop | None,
+    eos_id: int | None,
+    use_kv_cache: bool,
+) -> list[list[int]]:
+    outputs = [list(p) for p in prompts]
+    if max_new_tokens == 0:
+        return outputs
+    lengths = [len(p) for p in prompts]
+    total = max(lengths) + max_new_tokens
+    device = gpt.lm_head.weight.device
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)  # (A, total): prompts, then draws
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
+    running = list(range(len(prompts)))  # the prompt of each batch row
+    if use_kv_cache:
+        gpt.set_kv_cache(batch_size=len(prompts), max_seq_length=total, device=device)
+    forward = _cached_forward if use_kv_cache else _full_forward
+    start = min(lengths)
+    logits = _prefill(gpt, tokens, start, use_kv_cache)  # (A, padded V)
+    for pos in range(start, total):
+        ids = sampler(logits, running)  # (A,)
+        if pos < max(lengths[i] for i in running):  # a prompt's own ids until it is used up
+            in_prompt = torch.tensor([pos < lengths[i] for i in running], device=device)  # (A,)
+            ids = torch.where(in_prompt, tokens[:, pos], ids)
+        tokens[:, pos] = ids
+        ended = [
+            pos >= lengths[i] and _extend(outputs[i], token, lengths[i], max_new_tokens, eos_id, stop)
+            for i, token in zip(running, tokens[:, pos].tolist(), strict=True)
+        ]
+        if all(ended):
+            break
+        if any(ended):
+            keep = [row for row, done in enumerate(ended) if not done]
+            tokens = _keep_rows(gpt, tokens, keep, pos + 1, use_kv_cache)
+            running = [running[row] for row in keep]
+        logits = forward(gpt, tokens, pos, pos + 1)
+    return outputs
+
+
+def _extend(
+    sequence: list[int], token: int, prompt_length: int, max_new_tokens: int, eos_id: int | None, stop: Stop | None
+) -> bool:
+    """Append a generated id to ``sequence`` (in place); True when the sequence has ended."""
+    sequence.append(token)
+    if token == eos_id:
+        return True
+    if stop is not None:
+        cut = stop(sequence)
+        if cut is not None:
+            del sequence[max(cut, prompt_length) :]
+            return True
+    return len(sequence) - prompt_length >= max_new_tokens
+
+
+def _prefill(gpt: GPT, tokens: torch.Tensor, length: int, use_kv_cache: bool) -> torch.Tensor:
+    """Run the first ``length`` positions of every sequence: (A, padded V) logits at ``length - 1``.
+
+    With the cache, in chunks of ``_PREFILL_CHUNK`` positions: litgpt's attention under a mask materialises
+    (A, heads, T, T) scores, too much for a long video prompt in one go.
+    """
+    if not use_kv_cache:
+        return _full_forward(gpt, tokens, 0, length)
+    for begin in range(0, length, _PREFILL_CHUNK):
+        logits = _cached_forward(gpt, tokens, begin, min(begin + _PREFILL_CHUNK, length))
+    return logits
+
+
+def _cached_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Run positions ``begin:end`` of ``tokens`` (A, total) on the KV cache: (A, padded V) logits at ``end - 1``."""
+    input_pos = torch.arange(begin, end, device=tokens.device)  # (T,)
+    return gpt(tokens[:, begin:end], input_pos=input_pos, input_pos_maxp1=end)[:, -1]
+
+
+def _full_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Recompute positions ``0:end`` of ``tokens`` (A, total): (A, padded V) logits at ``end - 1`` (no cache)."""
+    return gpt(tokens[:, :end])[:, -1]
+
+
+def _keep_rows(gpt: GPT, tokens: torch.Tensor, keep: list[int], length: int, use_kv_cache: bool) -> torch.Tensor:
+    """Drop ended sequences from the batch: ``tokens``' rows, and the first ``length`` cache entries of each layer."""
+    rows = torch.tensor(keep, device=tokens.device)
+    if use_kv_cache:
+        # litgpt's KVCache uses its first `batch size` rows: move the kept ones there (B, groups, positions, head).
+        for block in gpt.transformer.h:
+            cache = block.attn.kv_cache
+            cache.k[: len(keep), :, :length] = cache.k[rows, :, :length]
+            cache.v[: len(keep), :, :length] = cache.v[rows, :, :length]
+    return tokens[rows]
+
+
+def _check_allowed(
+    allowed: torch.Tensor | None, vocab_size: int, batch: int, device: torch.device
+) -> torch.Tensor | None:
+    if allowed is None:
+        return None
+    allowed = torch.as_tensor(allowed, device=device)
+    if allowed.dtype != torch.bool or allowed.shape not in ((vocab_size,), (batch, vocab_size)):
+        raise ValueError(
+            f"allowed must be a bool mask of shape ({vocab_size},) or ({batch}, {vocab_size}) over the model's "
+            f"ids, got {allowed.dtype} {tuple(allowed.shape)}"
+        )
+    if not allowed.any(dim=-1).all():
+        raise ValueError("allowed leaves no id to draw (for some prompt)")
+    return allowed
+
+
+# ---------------------------------------------------------------------- codec-aware helpers
+
+
+def modality_mask(num_ids_model: int, first_id: int, last_id: int, eos_id: int | None = EOS_ID) -> torch.Tensor:
+    """(num_ids_model,) bool mask for :func:`generate`: True for ids in ``[first_id, last_id)`` and ``eos_id``."""
+    if not 0 <= first_id < last_id <= num_ids_model:
+        raise ValueError(f"need 0 <= first_id < last_id <= {num_ids_model}, got [{first_id}, {last_id})")
+    mask = torch.zeros(num_ids_model, dtype=torch.bool)
+    mask[first_id:last_id] = True
+    if eos_id is not None:
+        mask[eos_id] = True
+    return mask
+
+
+def tokenizer_mask(tokenizer: CodecTokenizer, num_ids_model: int, offset: int = 0) -> torch.Tensor:
+    """The ids that may follow inside one modality's item: its tokenizer's BPE ids (moved by ``offset`` in a
+    mixed vocabulary, see :meth:`CodecTokenizer.shift`) and eos."""
+    return modality_mask(num_ids_model, NUM_SPECIAL + offset, tokenizer.num_ids + offset)
+
+
+def make_prompt(tokenizer: CodecTokenizer, stream: bytes = b"", offset: int = 0) -> list[int]:
+    """``[bos, tag]`` followed by the ids of ``stream`` (moved by ``offset``): an empty stream gives the
+    unconditional prompt; for a completion pass ``codec.prompt(stream, ...)``."""
+    ids = tokenizer.shift(np.asarray(tokenizer.encode(stream), dtype=np.int64), offset)
+    return [BOS_ID, tokenizer.tag_id, *ids.tolist()]
+
+
+def token_pieces(tokenizer: CodecTokenizer, offset: int = 0) -> list[bytes]:
+    """The bytes each model id stands for, indexed by id; empty for special ids and other modalities' ids."""
+    return [b""] * (NUM_SPECIAL + offset) + [tokenizer.token_bytes(i) for i in range(NUM_SPECIAL, tokenizer.num_ids)]
+
+
+def sequence_bytes(ids: Sequence[int], tokenizer: CodecTokenizer, offset: int = 0, codec: Any = None) -> bytes:
+    """The codec stream a generated sequence holds; with ``codec``, cut at the end of its first item.
+
+    The cut drops the bytes a :func:`codec_stop` cut may keep past the item's end (its last id can hold
+    bytes of both), so ``codec.decode`` sees exactly one item.
+    """
+    pieces = token_pieces(tokenizer, offset)
+    stream = b"".join(pieces[i] for i in ids if 0 <= i < len(pieces))
+    end = codec.stream_end(stream) if codec is not None else None
+    return stream if end is None else stream[:end]
+
+
+@dataclass
+class _Running:
+    """The bytes of one sequence so far, and the byte length after each of its ids."""
+
+    ids: list[int]
+    data: bytearray = field(default_factory=bytearray)
+    ends: list[int] = field(default_factory=list)
+
+
+class CodecStop:
+    """A ``stop`` for :func:`generate` that ends a sequence once its codec stream holds a whole item.
+
+    It keeps a running byte buffer per sequence (each call adds only the bytes of the new ids) and asks
+    ``codec.stream_end`` where the first item (image, clip) ends. Ids need not end where the item ends: the
+    cut keeps every id up to and including the one that holds the item's last byte, so the kept ids may
+    decode to a few bytes past the item (:func:`sequence_bytes` with the codec drops them).
+
+    Make one per :func:`generate` call: it remembers the sequences it has seen (by identity; generate passes
+    each sequence's own growing list).
+
+    Args:
+        codec: a codec with ``stream_end(stream) -> int | None`` (JpegCodec, AvcCodec).
+        tokenizer: the tokenizer of that codec's streams.
+        offset: where its BPE ids sit in a mixed vocabulary (see :meth:`CodecTokenizer.shift`).
+    """
+
+    def __init__(self, codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> None:
+        self.codec = codec
+        self.pieces = token_pieces(tokenizer, offset)
+        self._running: dict[int, _Running] = {}
+
+    def __call__(self, ids: list[int]) -> int | None:
+        running = self._update(ids)
+        end = self.codec.stream_end(bytes(running.data))
+        if end is None:
+            return None
+        del self._running[id(ids)]  # the sequence ends here
+        return bisect.bisect_left(running.ends, end) + 1  # the first id whose bytes reach the end, included
+
+    def _update(self, ids: list[int]) -> _Running:
+        running = self._running.get(id(ids))
+        if running is None or running.ids is not ids or len(ids) < len(running.ends):
+            running = self._running[id(ids)] = _Running(ids)  # a new sequence (or not one grown in place)
+        for token in ids[len(running.ends) :]:
+            running.data += self.pieces[token] if 0 <= token < len(self.pieces) else b""
+            running.ends.append(len(running.data))
+        return running
+
+
+def codec_stop(codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> CodecStop:
+    """A ``stop`` for :func:`generate`: cut each sequence after the ids that cover its first whole item.
+
+    The cut length counts the whole sequence (prompt included, so a completion's item starts in its
+    prompt); the id holding the item's last byte is kept, see :class:`CodecStop`.
+    """
+    return CodecStop(codec, tokenizer, offset)
