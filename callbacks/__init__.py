@@ -1,5 +1,7 @@
 """Training-time callbacks (installed as ``jpeglm.callbacks``)."""
 
+from jpeglm.callbacks.fid import FIDCallback, SmallFeatures
+from jpeglm.callbacks.samples import SampleGallery
 from jpeglm.callbacks.training import LogLines, SlurmRequeue, TokenThroughput
 
-__all__ = ["LogLines", "SlurmRequeue", "TokenThroughput"]
+__all__ = ["FIDCallback", "LogLines", "SampleGallery", "SlurmRequeue", "SmallFeatures", "TokenThroughput"]

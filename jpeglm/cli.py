@@ -19,6 +19,11 @@ COMMANDS = {
     "fit": ("jpeglm.train", "train a CodecLM from a recipe (LightningCLI: `jpeglm fit --help`)"),
     "validate": ("jpeglm.train", "evaluate a CodecLM on the validation split (LightningCLI)"),
     "test": ("jpeglm.train", "evaluate a CodecLM on the test data (LightningCLI)"),
+    "generate": ("jpeglm.sample", "sample images or videos from a checkpoint into files and a contact sheet"),
+    "evaluate": (
+        "jpeglm.evaluate",
+        "the paper's FID protocol: completions at several prompt ratios, top-k, top-p, seeds",
+    ),
     "consolidate": ("jpeglm.checkpoints", "turn an FSDP2 sharded checkpoint directory into a single file"),
     "prepare": ("jpeglm.prepare", "turn images, videos or text into litdata token shards for training"),
     "tokenizer": ("jpeglm.train_tokenizer", "train a codec-byte BPE tokenizer (`jpeglm tokenizer train --help`)"),

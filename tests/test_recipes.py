@@ -1,0 +1,79 @@
+"""Every shipped recipe is parsed by the real CLI; the 7B ones are built on the meta device and counted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch import LightningDataModule
+
+from jpeglm.model import CodecLM, count_parameters
+from jpeglm.train import JpeglmCLI, cli
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+BIG = {"jpeg_7b.yaml": 328, "avc_7b.yaml": 1032, "jpeg_text_7b.yaml": None}
+
+
+class ParseOnly(JpeglmCLI):
+    """The real parser and links, without building the trainer, model and data (no data or GPU needed)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(recipe: Path, *extra: str):
+    return ParseOnly(
+        CodecLM,
+        LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(recipe), *extra],
+    ).config
+
+
+def test_recipes_are_shipped():
+    names = {r.name for r in RECIPES}
+    assert {"jpeg_7b.yaml", "avc_7b.yaml", "jpeg_text_7b.yaml", "jpeg_tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_with_the_real_cli(recipe):
+    config = parse(recipe)
+    assert config.model.seq_len == config.data.init_args.seq_len  # linked, not repeated
+    assert config.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("name", ["jpeg_7b.yaml", "avc_7b.yaml"])
+def test_7b_recipes_build_llama_2_7b_on_the_meta_device(name):
+    config = parse(Path(RECIPES[0]).parent / name)
+    params = count_parameters(config.model.model_name, BIG[name], config.model.model_overrides)
+    expected = {"jpeg_7b.yaml": 6.479e9, "avc_7b.yaml": 6.485e9}[name]
+    assert params == pytest.approx(expected, rel=1e-3)
+
+
+def test_7b_budget_comments_match_the_settings():
+    for name, context in (("jpeg_7b.yaml", 12288), ("avc_7b.yaml", 32768)):
+        config = parse(Path(RECIPES[0]).parent / name)
+        t = config.trainer
+        sequences = t.num_nodes * t.devices * config.data.init_args.batch_size * t.accumulate_grad_batches
+        assert config.data.init_args.seq_len == context
+        assert t.max_steps == -(-228_000_000_000 // (sequences * context))  # 2 epochs x 114B tokens
+        assert t.strategy.init_args.data_parallel_size == t.num_nodes * t.devices
+
+
+def test_print_config_round_trips(tmp_path):
+    recipe = Path(RECIPES[0]).parent / "jpeg_tiny.yaml"
+    command = [sys.executable, "-m", "jpeglm.cli", "fit", "--config"]
+    first = subprocess.run([*command, str(recipe), "--print_config"], capture_output=True, text=True, check=True)
+    (tmp_path / "printed.yaml").write_text(first.stdout)
+    second = subprocess.run(
+        [*command, str(tmp_path / "printed.yaml"), "--print_config"], capture_output=True, text=True, check=True
+    )
+    assert yaml.safe_load(first.stdout) == yaml.safe_load(second.stdout)
+    assert yaml.safe_load(first.stdout)["model"]["model_overrides"]["n_layer"] >= 1
+
+
+def test_unknown_key_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        cli(["fit", "--config", str(Path(RECIPES[0]).parent / "jpeg_tiny.yaml"), "--model.no_such_option=1"])
