@@ -21,10 +21,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from jpeglm.callbacks.samples import _PreservedState, cut, log_scalars, media_sources, originals
+from jpeglm.callbacks.samples import EveryNSteps, _PreservedState, cut, log_scalars, media_sources, originals
 from jpeglm.generation import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
 
 
@@ -73,7 +72,7 @@ def to_batch(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-class FIDCallback(Callback):
+class FIDCallback(EveryNSteps):
     """FID between completions of validation prompts and the original images, every ``every_n_steps`` steps.
 
     Logs ``fid/ratio_<r>`` and ``fid/undecodable`` (completions that are not complete, valid streams).
@@ -109,20 +108,12 @@ class FIDCallback(Callback):
         self.sampling = {"top_k": top_k, "top_p": top_p, "seed": seed}
         self.metric = fid_metric(feature_extractor, inception_weights)  # fails at construction, not mid-run
         self._real_done = False
-        self._last_step = -1
         self.last: dict[str, float] = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module, end=True)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
+        self.evaluate(trainer, pl_module, end)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, float]:
-        self._last_step = trainer.global_step
         sources = [s for s in media_sources(trainer.datamodule) if s.modality == "jpeg"]
         if not sources:
             return {}

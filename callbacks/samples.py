@@ -114,7 +114,28 @@ class _PreservedState:
         self.module.train(self.training)
 
 
-class SampleGallery(Callback):
+class EveryNSteps(Callback):
+    """Calls :meth:`run` after every ``every_n_steps``-th optimizer step, and once more when training ends."""
+
+    every_n_steps: int
+    _last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # with gradient accumulation several batches end at one step: run once
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.run(trainer, pl_module, end=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.run(trainer, pl_module, end=True)
+
+
+class SampleGallery(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, complete validation prompts and log the pictures.
 
     For each image/video source and each ratio: a TensorBoard image ``samples/<modality>/ratio_<r>`` whose
@@ -153,24 +174,16 @@ class SampleGallery(Callback):
         self.num_unconditional = num_unconditional
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-        self._last_step = -1
         self.last_scalars: dict[str, float] = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.draw(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.draw(trainer, pl_module, end=True)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
+        self.draw(trainer, pl_module, end)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, np.ndarray]:
         """Sample, decode and log one gallery; returns the pictures by tag (on every rank).
 
         ``end``: called from ``on_train_end``, where ``self.log`` is not allowed: scalars go to the loggers.
         """
-        self._last_step = trainer.global_step
         pictures, complete, fraction = {}, [], []
         with _PreservedState(pl_module):
             for source in media_sources(trainer.datamodule):
