@@ -33,6 +33,7 @@ from litgpt import GPT, Config
 from litgpt.model import CausalSelfAttention, LLaMAMLP
 from litgpt.utils import estimate_flops
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from jpeglm.sources import sources_of, to_records
 from jpeglm.tokenizer import MODALITIES
@@ -212,11 +213,16 @@ class CodecLM(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # One norm computation serves both logging and clipping; it works on FSDP2's DTensor gradients.
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else math.inf
-        params = [p for p in self.parameters() if p.grad is not None]
-        if params:
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            norm = wrapped.clip_grad_norm_(max_norm)  # FSDP1: flat shards, the norm must be reduced across ranks
+        else:
+            params = [p for p in self.parameters() if p.grad is not None]
+            if not params:
+                return
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            self.log("train/grad_norm", norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        self.log("train/grad_norm", norm)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
