@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from jpeglm.callbacks.samples import EveryNSteps, _PreservedState, cut, log_scalars, media_sources, originals
-from jpeglm.generation import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.generation import generate_source, make_prompt, sequence_bytes
 
 
 class SmallFeatures(nn.Module):
@@ -142,14 +142,9 @@ class FIDCallback(EveryNSteps):
         for i in range(0, len(streams), self.batch_size):
             chunk = streams[i : i + self.batch_size]
             prompts = [make_prompt(tok, cut(codec, s, self.ratio), source.offset) for s in chunk]
-            room = pl_module.config.block_size - max(len(p) for p in prompts)
-            outputs = generate(
-                pl_module.model,
-                prompts,
-                min(self.max_new_tokens or int(1.5 * longest) + 2, room),
-                allowed=tokenizer_mask(tok, pl_module.config.vocab_size, source.offset),
-                stop=codec_stop(codec, tok, source.offset),
-                **{**self.sampling, "seed": self.sampling["seed"] + i},
+            max_new = self.max_new_tokens or int(1.5 * longest) + 2
+            outputs = generate_source(
+                pl_module, source, prompts, max_new, **{**self.sampling, "seed": self.sampling["seed"] + i}
             )
             completions += [sequence_bytes(ids, tok, source.offset, codec) for ids in outputs]
         return completions

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from jpeglm.generation import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.generation import generate_source, make_prompt, sequence_bytes
 from jpeglm.sources import Source, sources_of
 
 _GAP = 4  # pixels of white between panels
@@ -233,17 +233,10 @@ class SampleGallery(EveryNSteps):
         """The codec streams the model writes after each prompt."""
         if not prompts:
             return []
-        tok, codec = source.tokenizer, source.codec
-        room = pl_module.config.block_size - max(len(p) for p in prompts)  # the context bounds every sample
-        outputs = generate(
-            pl_module.model,
-            prompts,
-            min(self.max_new_tokens or int(1.5 * longest) + 2, room),
-            allowed=tokenizer_mask(tok, pl_module.config.vocab_size, source.offset),
-            stop=codec_stop(codec, tok, source.offset),
-            **self.sampling,
+        outputs = generate_source(
+            pl_module, source, prompts, self.max_new_tokens or int(1.5 * longest) + 2, **self.sampling
         )
-        return [sequence_bytes(ids, tok, source.offset, codec) for ids in outputs]
+        return [sequence_bytes(ids, source.tokenizer, source.offset, source.codec) for ids in outputs]
 
     def _write(self, trainer: L.Trainer, pictures: dict[str, np.ndarray], folder: Path) -> None:
         step = trainer.global_step

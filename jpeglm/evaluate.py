@@ -27,7 +27,7 @@ from tqdm import tqdm
 from jpeglm.callbacks.fid import fid_metric, to_batch
 from jpeglm.callbacks.samples import cut
 from jpeglm.checkpoints import load_model
-from jpeglm.generation import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.generation import generate_source, make_prompt, sequence_bytes
 from jpeglm.inputs import find_sources
 from jpeglm.sample import pick_source
 
@@ -85,16 +85,14 @@ def evaluate(
             prompts = [make_prompt(tok, cut(codec, s, ratio) if ratio else b"", source.offset) for s in streams]
             began, produced, fakes, done = time.perf_counter(), 0, [], []
             for i in range(0, len(prompts), batch_size):
-                room = model.config.block_size - max(len(p) for p in prompts[i : i + batch_size])
-                outputs = generate(
-                    model.model,
+                outputs = generate_source(
+                    model,
+                    source,
                     prompts[i : i + batch_size],
-                    min(max_new, room),
+                    max_new,
                     top_k=top_k,
                     top_p=top_p,
                     seed=seed * 100_003 + i,
-                    allowed=tokenizer_mask(tok, model.config.vocab_size, source.offset),
-                    stop=codec_stop(codec, tok, source.offset),
                 )
                 for prompt, ids in zip(prompts[i : i + batch_size], outputs, strict=True):
                     decoded = codec.decode(sequence_bytes(ids, tok, source.offset, codec))

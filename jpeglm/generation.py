@@ -423,3 +423,22 @@ def codec_stop(codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> CodecS
     prompt); the id holding the item's last byte is kept, see :class:`CodecStop`.
     """
     return CodecStop(codec, tokenizer, offset)
+
+
+def generate_source(model: Any, source: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, **sampling):
+    """:func:`generate` for one modality of a CodecLM (``source``: a :class:`jpeglm.sources.Source`).
+
+    Only that modality's ids (and eos) can be drawn, each sequence stops at the end of its image or clip,
+    and ``max_new_tokens`` is bounded by the context the longest prompt leaves. ``sampling``: temperature,
+    top_k, top_p, seed.
+    """
+    tok, codec = source.tokenizer, source.codec
+    room = model.config.block_size - max(len(p) for p in prompts)
+    return generate(
+        model.model,
+        prompts,
+        min(max_new_tokens, room),
+        allowed=tokenizer_mask(tok, model.config.vocab_size, source.offset),
+        stop=codec_stop(codec, tok, source.offset),
+        **sampling,
+    )

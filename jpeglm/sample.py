@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jpeglm.callbacks.samples import cut, grid, picture
 from jpeglm.checkpoints import check_tokenizer, load_model
-from jpeglm.generation import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.generation import generate_source, make_prompt, sequence_bytes
 from jpeglm.inputs import encode_source, find_sources
 from jpeglm.sources import Source
 
@@ -85,8 +85,7 @@ def sample(
         items = prompt_streams(source, prompt_inputs, num_samples, ratio)
     else:
         items = [(None, b"", None)] * num_samples
-    limit = model.config.block_size - max(len(make_prompt(tok, p)) for _, p, _ in items)
-    max_new_tokens = min(max_new_tokens or limit, limit)
+    max_new_tokens = max_new_tokens or model.config.block_size  # generate_source bounds it by the context left
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,15 +94,8 @@ def sample(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         began = time.perf_counter()
-        outputs = generate(
-            model.model,
-            [make_prompt(tok, prompt, source.offset) for _, prompt, _ in chunk],
-            max_new_tokens,
-            allowed=tokenizer_mask(tok, model.config.vocab_size, source.offset),
-            stop=codec_stop(codec, tok, source.offset),
-            seed=seed + start,
-            **settings,
-        )
+        prompts = [make_prompt(tok, prompt, source.offset) for _, prompt, _ in chunk]
+        outputs = generate_source(model, source, prompts, max_new_tokens, seed=seed + start, **settings)
         seconds = time.perf_counter() - began
         for j, ((name, prompt, original), ids) in enumerate(zip(chunk, outputs, strict=True)):
             index = start + j
