@@ -25,6 +25,7 @@ COMMANDS = {
         "the paper's FID protocol: completions at several prompt ratios, top-k, top-p, seeds",
     ),
     "consolidate": ("jpeglm.checkpoints", "turn an FSDP2 sharded checkpoint directory into a single file"),
+    "export": ("jpeglm.export", "write a checkpoint as a Hugging Face Llama or litgpt checkpoint directory"),
     "prepare": ("jpeglm.prepare", "turn images, videos or text into litdata token shards for training"),
     "tokenizer": ("jpeglm.train_tokenizer", "train a codec-byte BPE tokenizer (`jpeglm tokenizer train --help`)"),
 }

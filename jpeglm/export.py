@@ -1,0 +1,190 @@
+"""Export a trained CodecLM for use outside jpeglm: a Hugging Face Llama or a litgpt checkpoint directory.
+
+Both layouts carry what the ids mean next to the weights: each source's tokenizer directory
+(``tokenizer.json``, ``id_layout.json``, ``codec_spec.json``; at the top level for a single-source model,
+one subdirectory per modality otherwise) and ``jpeglm_sources.json`` with the modalities and id offsets.
+
+- ``hf``: ``config.json`` (a ``LlamaConfig``) and ``model.safetensors``, which
+  ``transformers.LlamaForCausalLM.from_pretrained`` loads. The weight names and the q/k/v split come from
+  litgpt's own converter (``copy_weights_llama``), so they follow litgpt's layout as it changes.
+- ``litgpt``: ``lit_model.pth`` (the ``GPT`` state dict) and ``model_config.yaml``, which litgpt's
+  scripts (``litgpt generate``, ``litgpt convert_from_litgpt``, ...) read.
+
+The vocabulary is exported padded (``padded_vocab_size`` rows, a multiple of 64): the extra ids are
+never produced by the tokenizers, and keeping them keeps the weights bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from litgpt import Config
+from tokenizers import Tokenizer
+
+from jpeglm.checkpoints import load_checkpoint
+from jpeglm.tokenizer import CodecTokenizer
+
+FORMATS = ("hf", "litgpt")
+# Wrappers that training may leave in parameter names (activation checkpointing, torch.compile).
+_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+# litgpt Config fields that a Hugging Face Llama cannot express, with the value a Llama has.
+_LLAMA_SHAPE = {
+    "mlp_class_name": "LLaMAMLP",
+    "norm_class_name": "RMSNorm",
+    "bias": False,
+    "lm_head_bias": False,
+    "parallel_residual": False,
+    "rotary_percentage": 1.0,
+    "rope_condense_ratio": 1,
+    "rope_adjustments": None,
+    "norm_qk": False,
+    "post_attention_norm": False,
+    "post_mlp_norm": False,
+    "scale_embeddings": False,
+    "sliding_window_size": None,
+    "attention_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "attention_scores_scalar": None,
+}
+
+
+def export(checkpoint: str | Path, output: str | Path, format: str = "hf") -> Path:
+    """Write a CodecLM checkpoint (a single file or an FSDP2 sharded directory) as an export directory.
+
+    Args:
+        checkpoint: a checkpoint written by ``jpeglm fit``.
+        output: the directory to create; it must not exist or be empty.
+        format: "hf" (Hugging Face Llama) or "litgpt".
+
+    Raises:
+        FileExistsError: ``output`` exists and is not empty.
+        ValueError: an unknown format, a checkpoint without jpeglm's hyperparameters and tokenizers, or
+            (for "hf") a model shape that a Hugging Face Llama cannot represent.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output")
+    ckpt = load_checkpoint(checkpoint)
+    if "hyper_parameters" not in ckpt or not ckpt.get("jpeglm_sources"):
+        raise ValueError(f"{checkpoint} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
+    config = litgpt_config(ckpt["hyper_parameters"])
+    weights = litgpt_state_dict(ckpt["state_dict"])
+    if format == "hf":
+        check_llama_shape(config)
+    output.mkdir(parents=True, exist_ok=True)
+    if format == "hf":
+        write_hf(config, weights, output)
+    else:
+        write_litgpt(config, weights, output)
+    write_sources(ckpt["jpeglm_sources"], output)
+    return output
+
+
+def litgpt_config(hyper_parameters: dict[str, Any]) -> Config:
+    """The litgpt config the CodecLM of these hyperparameters builds (vocabulary padded, block size = seq_len)."""
+    from jpeglm.model import CodecLM
+
+    return CodecLM(**hyper_parameters).config  # builds no network: that happens in configure_model
+
+
+def litgpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CodecLM's ``model.<litgpt key>`` tensors as a plain litgpt ``GPT`` state dict."""
+    weights = {_WRAPPERS.sub("", k.removeprefix("model.")): v for k, v in state_dict.items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError("the checkpoint holds no CodecLM weights (no `model.*` keys in its state_dict)")
+    return weights
+
+
+def check_llama_shape(config: Config) -> None:
+    """Refuse litgpt configs whose network differs from a Hugging Face Llama's."""
+    odd = {k: getattr(config, k) for k, v in _LLAMA_SHAPE.items() if hasattr(config, k) and getattr(config, k) != v}
+    if getattr(config, "n_expert", 0):
+        odd["n_expert"] = config.n_expert
+    if odd:
+        raise ValueError(f"the model is not a plain Llama ({odd}); export it with --format litgpt instead")
+
+
+def hf_config(config: Config, dtype: torch.dtype) -> dict[str, Any]:
+    """``config.json`` of the equivalent ``LlamaForCausalLM`` (ids 0/1/2 are jpeglm's <pad>/<bos>/<eos>)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.padded_vocab_size,  # the weights' rows; ids past the tokenizers' are never produced
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},  # transformers >= 5
+        "max_position_embeddings": config.block_size,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def write_hf(config: Config, weights: dict[str, torch.Tensor], output: Path) -> None:
+    from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
+    from safetensors.torch import save_file
+
+    hf_weights: dict[str, torch.Tensor] = {}
+    copy_weights_llama(config, hf_weights, weights)
+    # q, k and v are views of one qkv matrix: safetensors refuses tensors that share memory.
+    hf_weights = {k: v.detach().clone().contiguous() for k, v in hf_weights.items()}
+    save_file(hf_weights, output / "model.safetensors", metadata={"format": "pt"})
+    dtype = next(iter(weights.values())).dtype
+    (output / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n")
+
+
+def write_litgpt(config: Config, weights: dict[str, torch.Tensor], output: Path) -> None:
+    from litgpt.utils import save_config
+
+    torch.save({k: v.detach().contiguous() for k, v in weights.items()}, output / "lit_model.pth")
+    save_config(config, output)
+
+
+def write_sources(records: list[dict[str, Any]], output: Path) -> None:
+    """Each source's tokenizer directory and ``jpeglm_sources.json`` (modality, offset, where its files are)."""
+    listing = []
+    for r in records:
+        directory = output if len(records) == 1 else output / r["modality"]
+        # Not from_records: exporting needs no codec, so a codec this installation lacks is no reason to fail.
+        CodecTokenizer(Tokenizer.from_str(r["tokenizer"]), r["modality"], r["codec_spec"]).save(directory)
+        listing.append(
+            {
+                "modality": r["modality"],
+                "offset": r["offset"],
+                "tokenizer_dir": directory.relative_to(output).as_posix(),
+                "codec_spec": r["codec_spec"],
+            }
+        )
+    (output / "jpeglm_sources.json").write_text(json.dumps(listing, indent=2) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a jpeglm checkpoint: a single file or an FSDP2 directory.")
+    parser.add_argument("--output", required=True, help="the directory to write (must not exist or be empty).")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="hf", help="hf: a Hugging Face Llama; litgpt: a litgpt checkpoint."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.checkpoint, args.output, args.format)
+    print(f"wrote {out} ({args.format})")
+    return 0
