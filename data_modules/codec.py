@@ -246,11 +246,19 @@ def count_blocks(split_dir: Path, block_size: int) -> int:
 
 
 def check_blocks(split_dir: Path, seq_len: int) -> int:
-    """The number of blocks of ``seq_len + 1`` ids, or a clear error when there are none."""
+    """The number of blocks of ``seq_len + 1`` ids, or a clear error when there are none or shards are missing."""
+    index = split_dir / "index.json"
+    chunks = json.loads(index.read_text())["chunks"] if index.is_file() else None
+    missing = [chunk["filename"] for chunk in chunks or [] if not (split_dir / chunk["filename"]).is_file()]
+    if chunks is None or missing:
+        more = ", ..." if len(missing) > 1 else ""
+        what = f"{len(missing)} of its {len(chunks)} chunk files ({missing[0]}{more})" if missing else "index.json"
+        raise ValueError(
+            f"{split_dir} lacks {what}: copy the whole directory `jpeglm prepare` wrote, or prepare the data again"
+        )
     blocks = count_blocks(split_dir, seq_len + 1)
     if blocks == 0:
-        index = json.loads((split_dir / "index.json").read_text())
-        largest = max((chunk["dim"] for chunk in index["chunks"]), default=0)
+        largest = max((chunk["dim"] for chunk in chunks), default=0)
         raise ValueError(
             f"seq_len={seq_len} is too large for {split_dir}: a block of seq_len + 1 = {seq_len + 1} ids must fit "
             f"in one shard chunk, and the largest chunk holds {largest} ids"

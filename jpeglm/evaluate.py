@@ -171,10 +171,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a jpeglm checkpoint (file or FSDP2 sharded directory).")
     parser.add_argument("--images", required=True, nargs="+", help="evaluation images: directories, globs, files.")
     parser.add_argument("--output", required=True, help="directory for results.json and results.md.")
-    parser.add_argument("--ratios", type=_floats, default=[0.25, 0.5, 0.75], help="prompt ratios, comma separated.")
+    parser.add_argument(
+        "--ratios",
+        type=_floats,
+        default=[0.25, 0.5, 0.75],
+        help="shares of each image kept as the prompt, comma separated.",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (mean and std are reported).")
-    parser.add_argument("--top-k", type=_top_ks, default=[40, 80], help="top-k values, comma separated (0: all).")
-    parser.add_argument("--top-p", type=_floats, default=[0.9, 1.0], help="top-p values, comma separated.")
+    parser.add_argument(
+        "--top-k", type=_top_ks, default=[40, 80], help="top-k values to sample with, comma separated (0: all ids)."
+    )
+    parser.add_argument(
+        "--top-p", type=_floats, default=[0.9, 1.0], help="nucleus sampling thresholds, comma separated (1.0: off)."
+    )
     parser.add_argument("--num-images", type=int, default=None, help="use only the first N images.")
     parser.add_argument("--no-unconditional", action="store_true", help="skip unconditional FID.")
     parser.add_argument(

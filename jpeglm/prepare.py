@@ -111,8 +111,16 @@ def read_dataset(path: str | Path) -> PreparedDataset:
     """
     path = Path(path)
     meta = path / "dataset.json"
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is not a complete prepared dataset: the directory does not exist; make it with "
+            f"`jpeglm prepare --modality M --input FILES --output {path}`"
+        )
     if not meta.is_file():
-        state = " (an unfinished `jpeglm prepare`: run it again to finish)" if (path / _WORK).exists() else ""
+        if (path / _WORK).exists():
+            state = " (an unfinished `jpeglm prepare`: run it again to finish)"
+        else:
+            state = "; give a directory written by `jpeglm prepare`"
         raise ValueError(f"{path} is not a complete prepared dataset: no dataset.json{state}")
     info = json.loads(meta.read_text())
     if info.get("format") != FORMAT:
@@ -540,7 +548,12 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--modality", required=True, choices=sorted(MODALITIES), help="what the inputs are.")
+    parser.add_argument(
+        "--modality",
+        required=True,
+        choices=sorted(MODALITIES),
+        help="what the inputs are: images (jpeg), videos (avc) or text.",
+    )
     parser.add_argument(
         "--input",
         required=True,
@@ -552,7 +565,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="dataset directory to write (re-run to finish a killed job).")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: train one on the inputs).")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of inputs in the validation split.")
-    parser.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores).")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="processes that encode and tokenize (default: all cores)."
+    )
     parser.add_argument("--max-items", type=int, default=None, help="use only the first N inputs found.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the order in which inputs are written.")
     parser.add_argument("--part-size", type=int, default=1024, help="inputs per part (what a killed job redoes).")

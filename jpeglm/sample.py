@@ -161,13 +161,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of each prompt image kept (JPEG: restart intervals; video: frames).",
     )
     parser.add_argument("--num-samples", type=int, default=8, help="samples to write.")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per sample (default: context).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="new tokens per sample (default: up to the context)."
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy).")
     parser.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (0: all).")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1.0: off).")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses seed + its first index).")
     parser.add_argument("--batch-size", type=int, default=8, help="samples generated at once.")
-    parser.add_argument("--modality", choices=["jpeg", "avc"], default=None, help="for models of several modalities.")
+    parser.add_argument(
+        "--modality",
+        choices=["jpeg", "avc"],
+        default=None,
+        help="which modality to sample from a model trained on several (default: its first image or video one).",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,

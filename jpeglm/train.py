@@ -4,18 +4,33 @@ The data module decides what the model must match: its sequence length is linked
 ``model.seq_len`` when the config is parsed, and its vocabulary size to ``model.vocab_size`` once it
 is built (it reads the prepared directory's ``dataset.json``). Recipes in ``recipes/`` are configs for
 this CLI; ``jpeglm fit --config recipes/jpeg_tiny.yaml --print_config`` shows every setting.
+
+Mistakes get one line on stderr, ``jpeglm fit: error: ...``, and no traceback (``JPEGLM_DEBUG=1`` shows
+it): exit code 2 for a mistake in the command, the config or the data (an unknown key, a missing data
+directory, a GPU recipe on a machine without one), 1 for running out of memory, with what to change.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningCLI
 
+import jpeglm.callbacks  # noqa: F401 - known subclasses: `--data.help CodecDataModule`, `--trainer.callbacks.help LogLines`
+import jpeglm.data_modules  # noqa: F401
+from jpeglm.codecs import CodecError
 from jpeglm.model import CodecLM
 
 SUBCOMMANDS = ("fit", "validate", "test")
+USER_ERRORS = (CodecError, FileNotFoundError, FileExistsError, ValueError, MisconfigurationException)
+"""Exceptions that mean the command, config or data is wrong (``InputError`` is a ``ValueError``)."""
 
 
 class JpeglmCLI(LightningCLI):
@@ -25,13 +40,37 @@ class JpeglmCLI(LightningCLI):
         parser.link_arguments("data.init_args.seq_len", "model.seq_len")
         parser.link_arguments("data", "model.vocab_size", compute_fn=_vocab_size, apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        check_accelerator(self._get(self.config, "trainer", {}).get("accelerator"))  # before the data and model
+        super().instantiate_classes()
+
 
 def _vocab_size(data: LightningDataModule) -> int:
     return data.vocab_size
 
 
+def check_accelerator(accelerator: object) -> None:
+    """Refuse a config that asks for a GPU on a machine without one, before anything is built.
+
+    Raises:
+        ValueError: ``trainer.accelerator`` is gpu or cuda and no CUDA device is visible (nor, for gpu, MPS).
+    """
+    name = accelerator if isinstance(accelerator, str) else str(getattr(accelerator, "class_path", ""))
+    if name not in ("gpu", "cuda") and not name.endswith("CUDAAccelerator"):
+        return
+    if CUDAAccelerator.is_available() or (name == "gpu" and MPSAccelerator.is_available()):
+        return
+    raise ValueError(
+        f"this recipe needs a GPU (trainer.accelerator={name}) but no CUDA device is visible; "
+        "on a CPU machine try `jpeglm fit --config recipes/jpeg_tiny.yaml`"
+    )
+
+
 def cli(args: list[str] | None = None, run: bool = True) -> JpeglmCLI:
-    """Build (and by default run) the CLI; ``args`` as on the command line after ``jpeglm``."""
+    """Build (and by default run) the CLI; ``args`` as on the command line after ``jpeglm``.
+
+    Parse errors raise ``argparse.ArgumentError`` (:func:`main` prints them as one line).
+    """
     return JpeglmCLI(
         CodecLM,
         LightningDataModule,
@@ -40,13 +79,58 @@ def cli(args: list[str] | None = None, run: bool = True) -> JpeglmCLI:
         run=run,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "jpeglm"} if run else {"prog": "jpeglm", "exit_on_error": False},
+        parser_kwargs={"prog": "jpeglm", "exit_on_error": False},
     )
 
 
 def main(argv: list[str]) -> int:
-    cli(argv)
+    """Run ``jpeglm fit|validate|test``; returns the exit code (see the module docstring)."""
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "fit"
+    try:
+        cli(None if argv == sys.argv[1:] else argv)  # None: Lightning reads sys.argv itself, without a warning
+    except argparse.ArgumentError as e:
+        return _error(e, command, f"{_short(str(e))} (`jpeglm {command} --help` lists the options)")
+    except USER_ERRORS as e:
+        # jsonargparse wraps errors of link functions (the data's vocabulary size): report the data's own error
+        cause = e.__cause__ if "compute_fn of link" in str(e) and e.__cause__ is not None else e
+        return _error(e, command, str(cause))
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        return _error(e, command, f"out of memory ({_gist(e)}). {OUT_OF_MEMORY_ADVICE}", code=1)
     return 0
+
+
+OUT_OF_MEMORY_ADVICE = (
+    "To use less memory: set --model.activation_checkpointing true; lower the micro-batch "
+    "--data.init_args.batch_size and raise --trainer.accumulate_grad_batches by the same factor to keep the global "
+    "batch; or shard the model over more GPUs (--trainer.devices, --trainer.num_nodes with ModelParallelStrategy)."
+)
+
+
+def _gist(e: BaseException) -> str:
+    """The first two sentences of an error's first line, e.g. "CUDA out of memory. Tried to allocate 2.00 GiB"."""
+    lines = str(e).strip().splitlines()
+    sentences = re.split(r"(?<=\.)\s", lines[0]) if lines else []
+    return " ".join(sentences[:2]).rstrip(".") or type(e).__name__
+
+
+def _error(e: BaseException, command: str, message: str, code: int = 2) -> int:
+    if os.environ.get("JPEGLM_DEBUG"):
+        raise e
+    print(f"jpeglm {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|Subtypes: |Errors:$|- Expected a <class 'NoneType'>|"
+    r"Given value type: |Given value: "
+)
+
+
+def _short(message: str) -> str:
+    """jsonargparse's nested errors without the lines that restate the types tried."""
+    return " ".join(line.strip(" -") for line in message.splitlines() if not _NOISE.search(line.strip()))
 
 
 if __name__ == "__main__":

@@ -105,8 +105,14 @@ def _read_streams(codec, sources, modality, num_workers, report, progress) -> li
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    train = commands.add_parser("train", help="train a byte-level BPE on codec streams of your files")
-    train.add_argument("--modality", required=True, choices=sorted(MODALITIES), help="what the inputs are.")
+    about = "train a byte-level BPE on codec streams of your files"
+    train = commands.add_parser("train", help=about, description=about)
+    train.add_argument(
+        "--modality",
+        required=True,
+        choices=sorted(MODALITIES),
+        help="what the inputs are: images (jpeg), videos (avc) or text.",
+    )
     train.add_argument(
         "--input",
         required=True,
@@ -119,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=None,
-        help=f"BPE symbols including the 256 bytes (default: {DEFAULT_VOCAB_SIZE}).",
+        help="BPE symbols including the 256 bytes (default: "
+        + ", ".join(f"{n} for {m}" for m, n in DEFAULT_VOCAB_SIZE.items())
+        + ").",
     )
     train.add_argument("--max-items", type=int, default=10_000, help="train on at most this many items (paper: 10K).")
     train.add_argument(

@@ -184,7 +184,10 @@ def test_generate_refuses_another_tokenizer(checkpoint, photos, tmp_path, capsys
         ]
     )
     assert code == 2
-    assert "not the jpeg tokenizer this model was trained with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("jpeglm generate: error: tokenizer ")
+    assert "not the jpeg tokenizer this model was trained with" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_writes_the_table(checkpoint, photos, tmp_path, capsys):
