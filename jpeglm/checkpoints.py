@@ -57,7 +57,7 @@ def consolidate(path: str | Path, output: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint: an FSDP2 sharded directory (or a single file).")
-    parser.add_argument("--output", required=True, help="the single file to write.")
+    parser.add_argument("--output", required=True, help="the single checkpoint file to write (must not exist).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +79,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     checkpoint = load_checkpoint(path)
     if "hyper_parameters" not in checkpoint or not checkpoint.get("jpeglm_sources"):
         raise ValueError(f"{path} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
-    model = CodecLM(**checkpoint["hyper_parameters"])
+    model = CodecLM.from_hyperparameters(checkpoint["hyper_parameters"])
     model.configure_model()
     model.load_state_dict(checkpoint["state_dict"])
     model.sources = checkpoint["jpeglm_sources"]

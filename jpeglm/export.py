@@ -91,7 +91,7 @@ def litgpt_config(hyper_parameters: dict[str, Any]) -> Config:
     """The litgpt config the CodecLM of these hyperparameters builds (vocabulary padded, block size = seq_len)."""
     from jpeglm.model import CodecLM
 
-    return CodecLM(**hyper_parameters).config  # builds no network: that happens in configure_model
+    return CodecLM.from_hyperparameters(hyper_parameters).config  # builds no network: that happens in configure_model
 
 
 def litgpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ it adds around litgpt's ``GPT``:
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from functools import partial
@@ -84,6 +85,16 @@ class CodecLM(L.LightningModule):
         self.skipped_steps = 0
         self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes each id stands for, from the data module
         self.sources: list[dict[str, Any]] = []  # what the ids mean (jpeglm.sources records), saved in checkpoints
+
+    @classmethod
+    def from_hyperparameters(cls, hyper_parameters: dict[str, Any]) -> CodecLM:
+        """The (unbuilt) CodecLM a checkpoint's ``hyper_parameters`` describe.
+
+        Keys that are not ``__init__`` arguments are dropped: LightningCLI stores its own (``_instantiator``,
+        ``_class_path``) next to the model's.
+        """
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in hyper_parameters.items() if k in names and k != "self"})
 
     # ------------------------------------------------------------------ building
 

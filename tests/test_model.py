@@ -29,6 +29,15 @@ def test_config_follows_data_and_overrides():
     assert model.model is None  # built in configure_model, under the strategy
 
 
+def test_from_hyperparameters_ignores_what_lightningcli_adds():
+    # A checkpoint written by `jpeglm fit` stores LightningCLI's `_instantiator` next to the model's arguments.
+    hparams = {**dict(CodecLM(model_overrides=TINY, vocab_size=40, seq_len=32).hparams), "_instantiator": "x"}
+    model = CodecLM.from_hyperparameters(hparams)
+    assert (model.config.n_layer, model.config.vocab_size, model.config.block_size) == (2, 40, 32)
+    with pytest.raises(TypeError, match="_instantiator"):
+        CodecLM(**hparams)
+
+
 def test_init_is_litgpts_pretraining_init():
     torch.manual_seed(0)
     model = CodecLM(model_overrides={**TINY, "n_embd": 256, "intermediate_size": 688}, vocab_size=328, seq_len=64)
