@@ -2,6 +2,14 @@
 
 from jpeglm.callbacks.fid import FIDCallback, SmallFeatures
 from jpeglm.callbacks.samples import SampleGallery
-from jpeglm.callbacks.training import LogLines, SlurmRequeue, TokenThroughput
+from jpeglm.callbacks.training import InitialValidation, LogLines, SlurmRequeue, TokenThroughput
 
-__all__ = ["FIDCallback", "LogLines", "SampleGallery", "SlurmRequeue", "SmallFeatures", "TokenThroughput"]
+__all__ = [
+    "FIDCallback",
+    "InitialValidation",
+    "LogLines",
+    "SampleGallery",
+    "SlurmRequeue",
+    "SmallFeatures",
+    "TokenThroughput",
+]

@@ -1,4 +1,5 @@
-"""Training-time callbacks that are not about samples: throughput, plain-text progress, SLURM requeue."""
+"""Training-time callbacks that are not about samples: throughput, plain-text progress, step-0 validation, SLURM
+requeue."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def _tokens(batch: dict[str, Any]) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for jpeglm batches: tokens/s and samples/s per device and overall,
-    and MFU on GPUs with a known peak (it reads CodecLM's ``flops_per_batch``).
+    """Lightning's ThroughputMonitor for jpeglm batches: tokens/s, samples/s and MFU.
+
+    Per device and overall; MFU on GPUs with a known peak (it reads CodecLM's ``flops_per_batch``).
 
     Args:
         window_size: batches averaged over.
@@ -33,6 +35,30 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size)
+
+
+class InitialValidation(Callback):
+    """Validate once before the first training step, so the curves start at the untrained model.
+
+    Lightning first validates after ``val_check_interval`` steps; this adds the step-0 point (litgpt's
+    pretraining script does the same with ``initial_validation``), the baseline every "did it learn?"
+    plot needs. It runs the fit loop's own validation loop, so metrics, loggers and callbacks see an
+    ordinary validation at ``global_step`` 0. Skipped when resuming (``global_step > 0``) and when
+    validation is off (``limit_val_batches=0``).
+    """
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # At the first batch rather than in on_train_start: every callback's on_train_start has run by then.
+        if trainer.global_step > 0 or batch_idx > 0 or trainer.limit_val_batches == 0:
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        first_loop_iter = trainer._logger_connector._first_loop_iter  # as Lightning's own in-loop validation does
+        trainer.validating = True
+        epoch_loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
 
 
 class LogLines(Callback):
@@ -52,6 +78,16 @@ class LogLines(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._tokens = time.perf_counter(), 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        print(
+            f"validation at step {trainer.global_step} | "
+            + " | ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
+            flush=True,
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._tokens += _tokens(batch)

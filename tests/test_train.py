@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -186,3 +188,31 @@ def test_two_nodes_of_one_process_train_together(tiny_data, tmp_path):
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").is_file()
+
+
+def val_steps(run_dir: Path) -> list[int]:
+    """Steps at which a run's CSVLogger recorded val/bits_per_byte, over all its versions."""
+    steps = []
+    for metrics in sorted(run_dir.rglob("metrics.csv")):
+        rows = list(csv.DictReader(metrics.open()))
+        steps += [int(row["step"]) for row in rows if row.get("val/bits_per_byte")]
+    return steps
+
+
+def test_initial_validation_adds_a_step_0_point_and_leaves_training_alone(tiny_data, tmp_path):
+    plain = write_config(tmp_path / "a.yaml", tiny_data, tmp_path / "a")
+    run([*FIT, "--config", str(plain)])
+    first = write_config(tmp_path / "b.yaml", tiny_data, tmp_path / "b")
+    run([*FIT, "--config", str(first), "--trainer.callbacks+=jpeglm.callbacks.InitialValidation"])
+
+    assert val_steps(tmp_path / "a") == [3, 7]  # Lightning's in-loop validations after steps 4 and 8
+    assert val_steps(tmp_path / "b") == [0, 3, 7]
+    a, b = (weights(tmp_path / d / "checkpoints" / "epoch=0-step=8.ckpt") for d in "ab")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # validating first changes nothing in training
+
+    # Resuming is not a start: no second step-0 point.
+    shutil.rmtree(tmp_path / "b" / "lightning_logs")
+    resume = ["--ckpt_path", str(tmp_path / "b" / "checkpoints" / "epoch=0-step=4.ckpt")]
+    run([*FIT, "--config", str(first), "--trainer.callbacks+=jpeglm.callbacks.InitialValidation", *resume])
+    assert val_steps(tmp_path / "b") == [7]
