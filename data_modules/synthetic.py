@@ -31,7 +31,7 @@ from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, CodecTokenizer
 
 __all__ = ["SyntheticDataModule", "procedural_clip", "procedural_image"]
 
-_VERSION = 1  # bump when the pictures change, so old caches are not reused
+_VERSION = 2  # bump when the pictures change, so old caches are not reused
 _VIDEO_FPS, _VIDEO_SECONDS = 3, 2
 
 
@@ -46,25 +46,40 @@ def procedural_clip(seed: int, index: int, width: int, height: int, frames: int)
     return [np.asarray(draw(t / max(frames - 1, 1))) for t in range(frames)]
 
 
+# Saturated colours and greys: a tiny model learns a few colours' MCUs within minutes, so its samples show
+# shapes and backgrounds instead of the noise of an uncountable range of colours.
+_PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+        (70, 240, 240), (240, 50, 230), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0),
+        (0, 0, 128), (255, 255, 255), (128, 128, 128), (0, 0, 0),
+    ]
+)  # fmt: skip
+
+
 def _scene(rng: np.random.Generator, width: int, height: int):
     """A function of time ``t`` in [0, 1] that draws one scene (fixed by ``rng``) at that time."""
-    c0, c1 = rng.integers(0, 256, (2, 3))
-    angle = rng.uniform(0, 2 * np.pi)
+    c0, c1 = _PALETTE[rng.choice(len(_PALETTE), 2, replace=False)]
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
-    ramp = (np.cos(angle) * xx + np.sin(angle) * yy - min(0, np.cos(angle)) - min(0, np.sin(angle))) / 1.5
-    background = c0 + (c1 - c0) * ramp[..., None]  # (H, W, 3)
-    if rng.random() < 0.4:  # stripes: a texture that repeats across MCUs
-        period = rng.uniform(4, 16) / max(width, height)
+    kind = rng.choice(["flat", "gradient", "stripes"], p=[0.4, 0.35, 0.25])
+    if kind == "flat":
+        background = np.broadcast_to(c0.astype(float), (height, width, 3))
+    elif kind == "gradient":
+        angle = rng.choice([0, 0.5, 1, 1.5]) * np.pi  # along an axis: rows or columns of MCUs repeat
+        ramp = np.cos(angle) * xx + np.sin(angle) * yy - min(0, np.cos(angle)) - min(0, np.sin(angle))
+        background = c0 + (c1 - c0) * ramp[..., None]  # (H, W, 3)
+    else:  # stripes of two colours: a texture that repeats across MCUs
+        period = rng.choice([8, 16]) / max(width, height)
         along = xx if rng.random() < 0.5 else yy
-        background += 40 * np.sign(np.sin(2 * np.pi * along / period))[..., None]
+        background = np.where((np.sin(2 * np.pi * along / period) >= 0)[..., None], c0, c1).astype(float)
     background = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     shapes = []
     for _ in range(rng.integers(1, 4)):
         kind = rng.choice(["ellipse", "rectangle", "triangle"])
-        w, h = rng.uniform(0.15, 0.5, 2) * (width, height)
+        w, h = rng.uniform(0.2, 0.5, 2) * (width, height)
         start = rng.uniform(0, 1, 2) * (width - w, height - h)
         end = rng.uniform(0, 1, 2) * (width - w, height - h)
-        shapes.append((kind, tuple(int(c) for c in rng.integers(0, 256, 3)), w, h, start, end))
+        shapes.append((kind, tuple(int(c) for c in _PALETTE[rng.integers(len(_PALETTE))]), w, h, start, end))
 
     def draw(t: float) -> Image.Image:
         image = background.copy()

@@ -22,8 +22,9 @@ from slurm_cluster import SlurmCluster, installed
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "slurm" / "jpeg_tiny.sbatch"
 RUN = Path("runs/jpeg_tiny")  # the recipe's run directory, relative to where the job runs
-# One sequence per rank and step instead of the recipe's 8: a quick test on 2 cores; everything else is the recipe.
-SMALL_BATCHES = ["--data.init_args.batch_size=1"]
+# One sequence per rank and step instead of the recipe's 4, and 256 pictures instead of 4096: a quick test on
+# 2 cores; everything else is the recipe.
+SMALL_BATCHES = ["--data.init_args.batch_size=1", "--data.init_args.num_images=256"]
 STEP = re.compile(r"^step (\d+)/(\d+) ", re.MULTILINE)  # jpeglm.callbacks.LogLines
 
 pytestmark = [
@@ -75,24 +76,24 @@ def global_step(checkpoint: Path) -> int:
 
 
 def test_two_tasks_train_and_checkpoint(cluster, cache_dir, tmp_path):
-    job = submit(cluster, tmp_path, cache_dir, "--trainer.max_steps=25")  # LogLines prints every 25 steps
+    job = submit(cluster, tmp_path, cache_dir, "--trainer.max_steps=50")  # LogLines prints every 50 steps
     info = cluster.wait(job, timeout=300)
     assert info["JobState"] == "COMPLETED", cluster.logs(job)
     out = cluster.output(job)
     # Lightning took both ranks from SLURM (SLURMEnvironment): one process each, not a launcher of its own.
     assert out.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 1, out
     assert out.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 1, out
-    assert STEP.findall(out) == [("25", "25")], out  # progress: "step 25/25 | train/loss ... | tok/s | time"
-    assert "`Trainer.fit` stopped: `max_steps=25` reached." in out, out
+    assert STEP.findall(out) == [("50", "50")], out  # progress: "step 50/50 | train/loss ... | tok/s | time"
+    assert "`Trainer.fit` stopped: `max_steps=50` reached." in out, out
     last = tmp_path / RUN / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"no {last}\n{out}"
-    assert global_step(last) == 25
+    assert global_step(last) == 50
 
 
 def test_usr1_saves_requeues_and_resumes(cluster, cache_dir, tmp_path):
-    # Signalled after its first progress line (step 25), the first run saves hpc_ckpt_1 a step or two later;
+    # Signalled after its first progress line (step 50), the first run saves hpc_ckpt_1 a step or two later;
     # the restarted run continues from there to max_steps.
-    max_steps = 75
+    max_steps = 150
     job = submit(cluster, tmp_path, cache_dir, f"--trainer.max_steps={max_steps}")
     cluster.wait_for(lambda: STEP.search(cluster.output(job)), 300, "the first progress line", job)
     cluster.run("scancel", "--signal=USR1", str(job))
