@@ -65,7 +65,9 @@ class LogLines(Callback):
     """One plain line of progress every ``every_n_steps`` steps (rank 0), for logs that are not terminals.
 
     Rich's and tqdm's bars redraw one line in place; under SLURM or CI that shows as nothing (Rich) or one
-    huge line (tqdm). This prints ``step 120/1000 | train/loss 3.1234 | ... | 5432 tok/s | 0:01:02``.
+    huge line (tqdm). This prints ``step 120/1000 (12%) | train/loss 3.1234 | ... | 5432 tok/s | 00:01:02
+    elapsed, ETA 00:07:35`` (the ETA from this run's pace so far), and the validation metrics after each
+    validation.
 
     Args:
         every_n_steps: print after every this many optimizer steps.
@@ -75,9 +77,12 @@ class LogLines(Callback):
         self.every_n_steps = every_n_steps
         self._start = 0.0
         self._tokens = 0
+        self._first_step = 0  # where this run started (a resumed run's ETA counts only its own steps)
+        self._printed = -1  # with gradient accumulation a step ends after several batches: print it once
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._tokens = time.perf_counter(), 0
+        self._start, self._tokens, self._first_step = time.perf_counter(), 0, trainer.global_step
+        self._printed = trainer.global_step  # nothing to report before this run's first optimizer step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
@@ -92,17 +97,26 @@ class LogLines(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._tokens += _tokens(batch)
         step = trainer.global_step
-        if step % self.every_n_steps or not trainer.is_global_zero:
+        if step % self.every_n_steps or step == self._printed or not trainer.is_global_zero:
             return
+        self._printed = step
         elapsed = time.perf_counter() - self._start
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         shown = " | ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
         rate = self._tokens * trainer.world_size / max(elapsed, 1e-9)
-        print(
-            f"step {step}/{total} | {shown} | {rate:.0f} tok/s | {time.strftime('%H:%M:%S', time.gmtime(elapsed))}",
-            flush=True,
-        )
+        progress, eta = f"step {step}/?", ""
+        if trainer.max_steps and trainer.max_steps > 0:
+            progress = f"step {step}/{trainer.max_steps} ({100 * step // trainer.max_steps}%)"
+            done = step - self._first_step
+            if done > 0:
+                eta = f", ETA {_clock(elapsed / done * max(trainer.max_steps - step, 0))}"
+        print(f"{progress} | {shown} | {rate:.0f} tok/s | {_clock(elapsed)} elapsed{eta}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """``HH:MM:SS`` (hours past 24 keep counting)."""
+    seconds = int(seconds)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class SlurmRequeue(Callback):

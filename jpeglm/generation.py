@@ -134,6 +134,7 @@ def generate(
     stop: Stop | None = None,
     eos_id: int | None = EOS_ID,
     use_kv_cache: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Continue every prompt with up to ``max_new_tokens`` sampled ids, all prompts in one batch.
 
@@ -160,6 +161,8 @@ def generate(
         eos_id: the id that ends a sequence (None: no id does).
         use_kv_cache: False recomputes the whole forward at every step (the benchmark's baseline); the
             ids are the same either way.
+        on_step: called after each step with the number of ids it generated (sequences past their prompt),
+            e.g. to advance a progress bar.
 
     Returns:
         One list per prompt: the prompt followed by the generated ids.
@@ -191,7 +194,7 @@ def generate(
     model.eval()
     try:
         with _without_autograd(gpt):
-            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache)
+            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step)
     finally:
         gpt.clear_kv_cache()
         model.train(training)
@@ -220,6 +223,7 @@ def _generate(
     stop: Stop | None,
     eos_id: int | None,
     use_kv_cache: bool,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     outputs = [list(p) for p in prompts]
     if max_new_tokens == 0:
@@ -246,6 +250,8 @@ def _generate(
             pos >= lengths[i] and _extend(outputs[i], token, lengths[i], max_new_tokens, eos_id, stop)
             for i, token in zip(running, tokens[:, pos].tolist(), strict=True)
         ]
+        if on_step is not None:
+            on_step(sum(pos >= lengths[i] for i in running))
         if all(ended):
             break
         if any(ended):
@@ -430,7 +436,7 @@ def generate_source(model: Any, source: Any, prompts: Sequence[Sequence[int]], m
 
     Only that modality's ids (and eos) can be drawn, each sequence stops at the end of its image or clip,
     and ``max_new_tokens`` is bounded by the context the longest prompt leaves. ``sampling``: temperature,
-    top_k, top_p, seed.
+    top_k, top_p, seed, on_step.
     """
     tok, codec = source.tokenizer, source.codec
     room = model.config.block_size - max(len(p) for p in prompts)

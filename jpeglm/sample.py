@@ -90,12 +90,21 @@ def sample(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     records, rows = [], []
-    bar = tqdm(total=len(items), desc="generate", unit="sample", disable=not progress)
+    # In tokens, so the bar moves within a batch; sequences that end early (or a context shorter than
+    # max_new_tokens) give their unused budget back when their batch ends, so the bar ends full.
+    bar = tqdm(total=len(items) * max_new_tokens, desc="generate", unit="tok", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        began = time.perf_counter()
+        began, drawn = time.perf_counter(), [0]
         prompts = [make_prompt(tok, prompt, source.offset) for _, prompt, _ in chunk]
-        outputs = generate_source(model, source, prompts, max_new_tokens, seed=seed + start, **settings)
+
+        def step(n: int, drawn: list[int] = drawn) -> None:
+            drawn[0] += n
+            bar.update(n)
+
+        outputs = generate_source(model, source, prompts, max_new_tokens, seed=seed + start, on_step=step, **settings)
+        bar.update(len(chunk) * max_new_tokens - drawn[0])
+        bar.set_postfix(samples=f"{start + len(chunk)}/{len(items)}")
         seconds = time.perf_counter() - began
         for j, ((name, prompt, original), ids) in enumerate(zip(chunk, outputs, strict=True)):
             index = start + j
@@ -118,7 +127,6 @@ def sample(
             )
             row = [picture(codec, prompt)[0], image] if name else [image]
             rows.append(row + ([picture(codec, original)[0]] if original is not None else []))
-        bar.update(len(chunk))
     bar.close()
     Image.fromarray(grid(rows)).save(out / "contact_sheet.png")
     (out / "samples.json").write_text(json.dumps({"checkpoint": str(checkpoint), "samples": records}, indent=2) + "\n")

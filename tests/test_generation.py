@@ -140,6 +140,16 @@ def test_eos_ends_a_sequence_and_is_kept(model):
     assert generate(model, PROMPTS, 30, allowed=only_eos) == [p + [EOS_ID] for p in PROMPTS]
 
 
+def test_on_step_counts_every_generated_id(model):
+    # Prompts of different lengths (forced ids are not counted) and sequences that end early at eos.
+    allowed = modality_mask(VOCAB, 8, 12)
+    prompts = [*PROMPTS, [BOS_ID, 3]]
+    counts = []
+    outputs = generate(model, prompts, 30, allowed=allowed, seed=0, on_step=counts.append)
+    assert sum(counts) == sum(len(ids) for ids in generated(outputs, prompts))
+    assert max(counts) <= len(prompts)
+
+
 def test_stop_cuts_the_sequence(model):
     full = generate(model, PROMPTS, 20, temperature=0, eos_id=None)
     seen = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -216,3 +217,22 @@ def test_initial_validation_adds_a_step_0_point_and_leaves_training_alone(tiny_d
     resume = ["--ckpt_path", str(tmp_path / "b" / "checkpoints" / "epoch=0-step=4.ckpt")]
     run([*FIT, "--config", str(first), "--trainer.callbacks+=jpeglm.callbacks.InitialValidation", *resume])
     assert val_steps(tmp_path / "b") == [7]
+
+
+def test_log_lines_print_each_step_once_with_progress_and_eta(tiny_data, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", max_steps=4, accumulate_grad_batches=2)
+    result = run(
+        [
+            *FIT,
+            "--config",
+            str(config),
+            "--trainer.callbacks+=jpeglm.callbacks.LogLines",
+            "--trainer.callbacks.every_n_steps=2",
+        ]
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]  # once per step
+    assert re.search(r"\| \d+ tok/s \| \d\d:\d\d:\d\d elapsed, ETA \d\d:\d\d:\d\d$", lines[0]), lines[0]
+    assert lines[1].endswith("ETA 00:00:00")
+    assert "train/loss" in lines[0]
+    assert "validation at step 4 | val/bits_per_byte" in result.stdout
