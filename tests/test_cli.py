@@ -180,13 +180,13 @@ def test_fit_on_a_missing_or_empty_data_directory_is_one_line(tiny_data, tmp_pat
 def test_an_unknown_config_key_is_one_line_that_names_it(tiny_data, tmp_path, capsys):
     config = fit_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run")
     assert main(["fit", "--config", str(config), "--model.no_such_key", "1"]) == 2
-    assert "Unrecognized arguments: --model.no_such_key 1" in error_line(capsys, "fit")
+    assert "unrecognized arguments: --model.no_such_key 1" in error_line(capsys, "fit").lower()  # case: by version
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  learning_rat: 0.1\n")
     assert main(["fit", "--config", str(config), "--config", str(typo)]) == 2
     assert "model.learning_rat" in error_line(capsys, "fit")
     assert main(["validate", "--config", str(config), "--data.init_args.batch_sise", "4"]) == 2
-    assert "Key 'batch_sise' is not expected" in error_line(capsys, "validate")
+    assert "'batch_sise'" in error_line(capsys, "validate")  # jsonargparse's wording changes between versions
 
 
 def test_settings_lightning_refuses_are_one_line(tiny_data, tmp_path, capsys):
