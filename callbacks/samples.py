@@ -115,7 +115,11 @@ class _PreservedState:
 
 
 class EveryNSteps(Callback):
-    """Calls :meth:`run` after every ``every_n_steps``-th optimizer step, and once more when training ends."""
+    """Calls :meth:`run` after every ``every_n_steps``-th optimizer step, and once more when training ends.
+
+    Not when a run stops before ``max_steps`` (a SLURM requeue, a stop after too many NaN steps): a requeue has
+    seconds left before its time limit, and the run that resumes will draw its own.
+    """
 
     every_n_steps: int
     _last_step = -1
@@ -130,6 +134,8 @@ class EveryNSteps(Callback):
             self.run(trainer, pl_module, end=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_steps > 0 and trainer.global_step < trainer.max_steps:
+            return
         if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.run(trainer, pl_module, end=True)

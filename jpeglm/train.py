@@ -8,6 +8,8 @@ this CLI; ``jpeglm fit --config recipes/jpeg_tiny.yaml --print_config`` shows ev
 Mistakes get one line on stderr, ``jpeglm fit: error: ...``, and no traceback (``JPEGLM_DEBUG=1`` shows
 it): exit code 2 for a mistake in the command, the config or the data (an unknown key, a missing data
 directory, a GPU recipe on a machine without one), 1 for running out of memory, with what to change.
+Errors raised inside the training or validation loops (steps, callbacks) keep their traceback, except
+out-of-memory: there they are more likely bugs than mistakes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+import traceback
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -91,6 +94,8 @@ def main(argv: list[str]) -> int:
     except argparse.ArgumentError as e:
         return _error(e, command, f"{_short(str(e))} (`jpeglm {command} --help` lists the options)")
     except USER_ERRORS as e:
+        if _raised_in_a_loop(e):  # in a training/validation step or a callback: a bug to debug, not a typo
+            raise
         # jsonargparse wraps errors of link functions (the data's vocabulary size): report the data's own error
         cause = e.__cause__ if "compute_fn of link" in str(e) and e.__cause__ is not None else e
         return _error(e, command, str(cause))
@@ -106,6 +111,15 @@ OUT_OF_MEMORY_ADVICE = (
     "--data.init_args.batch_size and raise --trainer.accumulate_grad_batches by the same factor to keep the global "
     "batch; or shard the model over more GPUs (--trainer.devices, --trainer.num_nodes with ModelParallelStrategy)."
 )
+
+
+def _raised_in_a_loop(e: BaseException) -> bool:
+    """Whether ``e`` came out of Lightning's fit/validation loops (steps, callbacks) rather than from parsing
+    the config or setting up the data: there a ValueError is far more likely a bug, and keeps its traceback."""
+    return any(
+        "/lightning/pytorch/loops/" in frame.filename.replace("\\", "/")
+        for frame in traceback.extract_tb(e.__traceback__)
+    )
 
 
 def _gist(e: BaseException) -> str:

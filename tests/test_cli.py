@@ -246,3 +246,15 @@ def test_out_of_memory_says_what_to_change(tiny_data, tmp_path, capsys, monkeypa
     monkeypatch.setenv("JPEGLM_DEBUG", "1")
     with pytest.raises(RuntimeError, match="allocate"):
         main(["fit", "--config", str(config)])
+
+
+def test_a_value_error_inside_a_training_step_keeps_its_traceback(tiny_data, tmp_path, monkeypatch):
+    # A ValueError from setting up the data is the user's mistake (one line, above); one from inside the loop
+    # is almost surely a bug: it must reach the user whole, not as a misleading "jpeglm fit: error" line.
+    def broken_step(self, batch, batch_idx):
+        raise ValueError("zip() argument 2 is shorter than argument 1")
+
+    monkeypatch.setattr(CodecLM, "training_step", broken_step)
+    config = fit_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run")
+    with pytest.raises(ValueError, match="zip"):
+        main(["fit", "--config", str(config)])

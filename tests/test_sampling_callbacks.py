@@ -76,6 +76,25 @@ def test_gallery_images_are_in_the_tensorboard_event_file(tmp_path):
     assert "samples/complete" in trainer.callback_metrics
 
 
+class StopAt(L.Callback):
+    """Stops the run after ``step`` steps, as SlurmRequeue does before a requeue."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_before_max_steps_draws_no_final_gallery(tmp_path):
+    callback = SampleGallery(every_n_steps=100, num_prompts=1, ratios=(0.5,), num_unconditional=0, max_new_tokens=8)
+    fit(tmp_path, [callback, StopAt(2)], steps=10)  # a requeue's last seconds are not for sampling
+    assert not list((tmp_path / "run").rglob("samples/*.png"))
+    fit(tmp_path, [callback], steps=2, name="done")  # reaching max_steps draws one
+    assert len(list((tmp_path / "done").rglob("samples/*.png"))) == 1
+
+
 def test_callbacks_leave_training_bit_identical(tmp_path):
     _, plain = fit(tmp_path, [], name="plain")
     fid = FIDCallback(every_n_steps=2, num_samples=3, feature_extractor="small", max_new_tokens=20, batch_size=2)
