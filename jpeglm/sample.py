@@ -90,20 +90,27 @@ def sample(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     records, rows = [], []
-    # In tokens, so the bar moves within a batch; sequences that end early (or a context shorter than
-    # max_new_tokens) give their unused budget back when their batch ends, so the bar ends full.
-    bar = tqdm(total=len(items) * max_new_tokens, desc="generate", unit="tok", disable=not progress)
-    for start in range(0, len(items), batch_size):
+    all_prompts = [make_prompt(tok, prompt, source.offset) for _, prompt, _ in items]
+    starts = range(0, len(items), batch_size)
+    # generate_source bounds each batch's new tokens by the context its longest prompt leaves
+    budgets = [
+        min(max_new_tokens, model.config.block_size - max(map(len, all_prompts[i : i + batch_size]))) for i in starts
+    ]
+    # In tokens, so the bar moves within a batch; sequences that end early give their unused budget back when
+    # their batch ends, so the bar ends full.
+    total = sum(len(all_prompts[i : i + batch_size]) * b for i, b in zip(starts, budgets, strict=True))
+    bar = tqdm(total=total, desc="generate", unit="tok", disable=not progress)
+    for start, budget in zip(starts, budgets, strict=True):
         chunk = items[start : start + batch_size]
         began, drawn = time.perf_counter(), [0]
-        prompts = [make_prompt(tok, prompt, source.offset) for _, prompt, _ in chunk]
+        prompts = all_prompts[start : start + batch_size]
 
         def step(n: int, drawn: list[int] = drawn) -> None:
             drawn[0] += n
             bar.update(n)
 
         outputs = generate_source(model, source, prompts, max_new_tokens, seed=seed + start, on_step=step, **settings)
-        bar.update(len(chunk) * max_new_tokens - drawn[0])
+        bar.update(len(chunk) * budget - drawn[0])
         bar.set_postfix(samples=f"{start + len(chunk)}/{len(items)}")
         seconds = time.perf_counter() - began
         for j, ((name, prompt, original), ids) in enumerate(zip(chunk, outputs, strict=True)):
