@@ -172,11 +172,23 @@ class CodecLM(L.LightningModule):
             bpb = losses.sum() / math.log(2) / nbytes.clamp(min=1)
             self.log(f"{stage}/bits_per_byte", bpb, prog_bar=stage != "train", sync_dist=sync_dist)
         modality = batch.get("modality")
-        if modality is not None and modality.unique().numel() > 1:
-            per_sequence = losses.mean(dim=1)  # (B,)
-            for tag in modality.unique().tolist():
-                name = _MODALITY_NAMES.get(tag, str(tag))
-                self.log(f"{stage}/loss_{name}", per_sequence[modality == tag].mean(), sync_dist=sync_dist)
+        if modality is None:
+            return
+        per_sequence = losses.mean(dim=1)  # (B,)
+        if not sync_dist:  # training: the modalities of this batch
+            if modality.unique().numel() > 1:
+                for tag in modality.unique().tolist():
+                    name = _MODALITY_NAMES.get(tag, str(tag))
+                    self.log(f"{stage}/loss_{name}", per_sequence[modality == tag].mean())
+            return
+        # Validation and test are reduced across ranks at the epoch's end, metric by metric: every rank must log
+        # the same names, so each logs every modality of the data, weighted by its sequences (0 when absent).
+        tags = sorted({MODALITIES[r["modality"]] for r in self.sources if r.get("modality") in MODALITIES})
+        for tag in tags if len(tags) > 1 else []:
+            chosen = modality == tag
+            count = int(chosen.sum())
+            value = per_sequence[chosen].mean() if count else per_sequence.new_zeros(())
+            self.log(f"{stage}/loss_{_MODALITY_NAMES[tag]}", value, batch_size=count, sync_dist=True)
 
     def _skip_non_finite(self, loss: torch.Tensor) -> bool:
         """True (on every rank) when any rank's loss is NaN/inf: the step is skipped everywhere."""

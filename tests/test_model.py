@@ -170,3 +170,28 @@ def test_schedule_needs_max_steps(tmp_path):
     )
     with pytest.raises(ValueError, match="set trainer.max_steps"):
         trainer.fit(model, FixedBlocks(torch.randint(8, 40, (4, 33))))
+
+
+class OneModalityVal(FixedBlocks):
+    """Validation batches of images only: what one rank of a mixed run may see."""
+
+    def val_dataloader(self):
+        data = [{"input_ids": b, "modality": torch.tensor(3)} for b in self.blocks]
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def test_validation_logs_every_modality_of_the_data_on_every_rank(tmp_path):
+    # Ranks reduce validation metrics name by name: a name logged on one rank only would pair the wrong
+    # all-reduces (or hang). So each rank logs every modality of the data, weighted by its sequence count.
+    blocks = torch.randint(8, 40, (8, 33), generator=torch.Generator().manual_seed(0))
+    model = CodecLM(model_overrides=TINY, vocab_size=40, seq_len=32)
+    model.sources = [{"modality": "jpeg"}, {"modality": "avc"}]  # what setup() reads from a MixedDataModule
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, FixedBlocks(blocks))  # half images, half videos
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    assert metrics["val/loss"] == pytest.approx((metrics["val/loss_jpeg"] + metrics["val/loss_avc"]) / 2, rel=1e-5)
+
+    trainer.validate(model, OneModalityVal(blocks))
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    assert metrics["val/loss_jpeg"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    assert math.isnan(metrics["val/loss_avc"])  # logged all the same, with no sequences behind it
