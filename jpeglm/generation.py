@@ -431,6 +431,11 @@ def codec_stop(codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> CodecS
     return CodecStop(codec, tokenizer, offset)
 
 
+def new_token_budget(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """``max_new_tokens``, bounded by the context a CodecLM has left after the longest of ``prompts``."""
+    return min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
+
+
 def generate_source(model: Any, source: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, **sampling):
     """:func:`generate` for one modality of a CodecLM (``source``: a :class:`jpeglm.sources.Source`).
 
@@ -439,11 +444,10 @@ def generate_source(model: Any, source: Any, prompts: Sequence[Sequence[int]], m
     top_k, top_p, seed, on_step.
     """
     tok, codec = source.tokenizer, source.codec
-    room = model.config.block_size - max(len(p) for p in prompts)
     return generate(
         model.model,
         prompts,
-        min(max_new_tokens, room),
+        new_token_budget(model, prompts, max_new_tokens),
         allowed=tokenizer_mask(tok, model.config.vocab_size, source.offset),
         stop=codec_stop(codec, tok, source.offset),
         **sampling,

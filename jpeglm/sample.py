@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jpeglm.callbacks.samples import cut, grid, picture
 from jpeglm.checkpoints import check_tokenizer, load_model
-from jpeglm.generation import generate_source, make_prompt, sequence_bytes
+from jpeglm.generation import generate_source, make_prompt, new_token_budget, sequence_bytes
 from jpeglm.inputs import encode_source, find_sources
 from jpeglm.sources import Source
 
@@ -92,10 +92,7 @@ def sample(
     records, rows = [], []
     all_prompts = [make_prompt(tok, prompt, source.offset) for _, prompt, _ in items]
     starts = range(0, len(items), batch_size)
-    # generate_source bounds each batch's new tokens by the context its longest prompt leaves
-    budgets = [
-        min(max_new_tokens, model.config.block_size - max(map(len, all_prompts[i : i + batch_size]))) for i in starts
-    ]
+    budgets = [new_token_budget(model, all_prompts[i : i + batch_size], max_new_tokens) for i in starts]
     # In tokens, so the bar moves within a batch; sequences that end early give their unused budget back when
     # their batch ends, so the bar ends full.
     total = sum(len(all_prompts[i : i + batch_size]) * b for i, b in zip(starts, budgets, strict=True))
