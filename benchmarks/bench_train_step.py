@@ -23,7 +23,13 @@ class Blocks(L.LightningDataModule):
     def __init__(self, batches: list[torch.Tensor], vocab: int) -> None:
         super().__init__()
         self.batches = batches
-        self.token_byte_lengths = [0] * 8 + [1] * (vocab - 8)
+        self.byte_lengths = [0] * 8 + [1] * (vocab - 8)
+
+    def modalities(self) -> list:
+        return []
+
+    def token_byte_lengths(self) -> list[int]:
+        return self.byte_lengths
 
     def train_dataloader(self):
         data = [{"input_ids": b, "modality": torch.full((b.size(0),), 3)} for b in self.batches]

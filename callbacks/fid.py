@@ -114,7 +114,7 @@ class FIDCallback(EveryNSteps):
         self.evaluate(trainer, pl_module, end)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, float]:
-        sources = [s for s in media_sources(trainer.datamodule) if s.modality == "jpeg"]
+        sources = [s for s in media_sources(trainer.datamodule) if s.name == "jpeg"]
         if not sources:
             return {}
         source = sources[0]

@@ -25,14 +25,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from jpeglm.generation import generate_source, make_prompt, sequence_bytes
-from jpeglm.sources import Source, sources_of
+from jpeglm.vocabulary import DescribesVocabulary
+from jpeglm.vocabulary import Modality as Source
 
 _GAP = 4  # pixels of white between panels
 
 
 def media_sources(datamodule: Any) -> list[Source]:
     """The image and video sources of a data module (text has nothing to draw)."""
-    return [s for s in sources_of(datamodule) if s.modality != "text" and s.dataset is not None]
+    if not isinstance(datamodule, DescribesVocabulary):
+        return []
+    return [m for m in datamodule.modalities() if m.is_media and m.dataset is not None]
 
 
 def originals(source: Source, count: int) -> list[bytes]:
@@ -194,7 +197,7 @@ class SampleGallery(EveryNSteps):
         with _PreservedState(pl_module):
             for source in media_sources(trainer.datamodule):
                 for tag, rows, results in self._source_gallery(pl_module, source):
-                    pictures[f"samples/{source.modality}/{tag}"] = grid(rows)
+                    pictures[f"samples/{source.name}/{tag}"] = grid(rows)
                     complete += [r.complete for r in results]
                     fraction += [r.fraction for r in results]
         if complete:
@@ -216,7 +219,7 @@ class SampleGallery(EveryNSteps):
             try:
                 cuts += [(ratio, stream, cut(codec, stream, ratio)) for stream in streams]
             except ValueError as e:  # e.g. a ratio that keeps no FFD7 marker of a small image
-                rank_zero_warn(f"SampleGallery: skipping ratio {ratio} for {source.modality}: {e}")
+                rank_zero_warn(f"SampleGallery: skipping ratio {ratio} for {source.name}: {e}")
         longest = max((len(tok.encode(s)) for s in streams), default=1024)
         conditional = [make_prompt(tok, prompt, source.offset) for _, _, prompt in cuts]
         unconditional = [make_prompt(tok, b"", source.offset)] * self.num_unconditional

@@ -9,7 +9,7 @@ the loader's position in every checkpoint, so a resumed run sees exactly the bat
 """
 
 from jpeglm.data_modules.codec import CodecDataModule
-from jpeglm.data_modules.mixed import MixedDataModule, SourceInfo
+from jpeglm.data_modules.mixed import MixedDataModule, MixtureMember
 from jpeglm.data_modules.synthetic import SyntheticDataModule
 
-__all__ = ["CodecDataModule", "MixedDataModule", "SourceInfo", "SyntheticDataModule"]
+__all__ = ["CodecDataModule", "MixedDataModule", "MixtureMember", "SyntheticDataModule"]

@@ -16,7 +16,6 @@ never makes the next epoch replay it, and a state saved on the last batch of an 
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from lightning import LightningDataModule
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from litdata.streaming import dataset as litdata_dataset
 
-from jpeglm.prepare import PreparedDataset, read_dataset
-from jpeglm.sources import sources_of
+from jpeglm.errors import UserError
+from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
+from jpeglm.vocabulary import Modality
 
 __all__ = ["CodecDataModule", "PreparedDataModule", "ResumableLoader", "StreamingDataModule", "TokenBlocks"]
 
@@ -160,30 +160,36 @@ class StreamingDataModule(LightningDataModule):
     def __init__(self, seq_len: int, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise UserError(f"seq_len must be >= 1, got {seq_len}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {num_workers}")
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self._train_loader: ResumableLoader | None = None
         self._loader_state: dict[str, Any] | None = None
+        self._token_bytes: list[int] | None = None
 
     @property
     def vocab_size(self) -> int:
         raise NotImplementedError
 
-    @cached_property
+    def modalities(self) -> list[Modality]:
+        """What the ids mean: each modality's tokenizer and id offset (see ``DescribesVocabulary``)."""
+        raise NotImplementedError
+
     def token_byte_lengths(self) -> list[int]:
         """Bytes of codec stream (or UTF-8 text) each id stands for, 0 for special ids: the model's bits per byte."""
-        lengths = [0] * self.vocab_size
-        for source in sources_of(self):
-            for i in range(NUM_SPECIAL, source.tokenizer.num_ids):
-                lengths[i + source.offset] = len(source.tokenizer.token_bytes(i))
-        return lengths
+        if self._token_bytes is None:
+            lengths = [0] * self.vocab_size
+            for modality in self.modalities():
+                for i in range(NUM_SPECIAL, modality.tokenizer.num_ids):
+                    lengths[i + modality.offset] = len(modality.tokenizer.token_bytes(i))
+            self._token_bytes = lengths
+        return self._token_bytes
 
     def _train_dataset(self) -> Any:
         raise NotImplementedError
@@ -201,7 +207,7 @@ class StreamingDataModule(LightningDataModule):
         dataset = self._train_dataset()
         loader = ResumableLoader(dataset, self.batch_size, self.num_workers, self._train_length(dataset))
         if len(loader) == 0:
-            raise ValueError(
+            raise UserError(
                 f"the train split yields no batch of {self.batch_size} blocks of seq_len + 1 = {self.seq_len + 1} "
                 f"ids per rank and worker: lower seq_len, batch_size or num_workers, or prepare more data"
             )
@@ -237,33 +243,6 @@ class StreamingDataModule(LightningDataModule):
             self._train_loader.load_state_dict(state)
         else:
             self._loader_state = state
-
-
-def count_blocks(split_dir: Path, block_size: int) -> int:
-    """Blocks of ``block_size`` ids in a split: litdata cuts blocks inside chunks, the rest of a chunk is dropped."""
-    index = json.loads((split_dir / "index.json").read_text())
-    return sum(chunk["dim"] // block_size for chunk in index["chunks"])
-
-
-def check_blocks(split_dir: Path, seq_len: int) -> int:
-    """The number of blocks of ``seq_len + 1`` ids, or a clear error when there are none or shards are missing."""
-    index = split_dir / "index.json"
-    chunks = json.loads(index.read_text())["chunks"] if index.is_file() else None
-    missing = [chunk["filename"] for chunk in chunks or [] if not (split_dir / chunk["filename"]).is_file()]
-    if chunks is None or missing:
-        more = ", ..." if len(missing) > 1 else ""
-        what = f"{len(missing)} of its {len(chunks)} chunk files ({missing[0]}{more})" if missing else "index.json"
-        raise ValueError(
-            f"{split_dir} lacks {what}: copy the whole directory `jpeglm prepare` wrote, or prepare the data again"
-        )
-    blocks = count_blocks(split_dir, seq_len + 1)
-    if blocks == 0:
-        largest = max((chunk["dim"] for chunk in chunks), default=0)
-        raise ValueError(
-            f"seq_len={seq_len} is too large for {split_dir}: a block of seq_len + 1 = {seq_len + 1} ids must fit "
-            f"in one shard chunk, and the largest chunk holds {largest} ids"
-        )
-    return blocks
 
 
 class PreparedDataModule(StreamingDataModule):
@@ -303,6 +282,10 @@ class PreparedDataModule(StreamingDataModule):
         """The codec that made the dataset's byte streams (None for text), checked against this installation."""
         return self.tokenizer.codec
 
+    def modalities(self) -> list[Modality]:
+        """The dataset's one modality, at offset 0."""
+        return [Modality(self.dataset.modality, self.tokenizer, 0, self.dataset)]
+
     def setup(self, stage: str) -> None:
         """Check that the train split has blocks of ``seq_len + 1`` ids."""
         check_blocks(self._train_dir(), self.seq_len)
@@ -310,7 +293,7 @@ class PreparedDataModule(StreamingDataModule):
     def _train_dir(self) -> Path:
         directory = self.dataset.split_dir("train")
         if directory is None:
-            raise ValueError(f"{self.data_dir} has an empty train split: nothing to train on")
+            raise UserError(f"{self.data_dir} has an empty train split: nothing to train on")
         return directory
 
     def _train_dataset(self) -> TokenBlocks:

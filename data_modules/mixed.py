@@ -1,18 +1,18 @@
 """Mix several prepared datasets (JPEG, AVC, text) in one stream, each with its own BPE, without id collisions.
 
 Every jpeglm tokenizer shares one id layout (jpeglm/tokenizer.py): ids 0..7 are the specials (pad, bos, eos,
-the modality tags), then the source's BPE symbols. Mixing keeps the specials and moves each source's BPE ids
+the modality tags), then the member's BPE symbols. Mixing keeps the specials and moves each member's BPE ids
 into a block of its own::
 
-    source 0: ids 8 .. num_ids_0 - 1                      offset 0
-    source 1: ids num_ids_0 .. num_ids_0 + num_ids_1 - 9   offset num_ids_0 - 8
-    ...                                                    offset = sum of earlier sources' (num_ids - 8)
+    member 0: ids 8 .. num_ids_0 - 1                      offset 0
+    member 1: ids num_ids_0 .. num_ids_0 + num_ids_1 - 9   offset num_ids_0 - 8
+    ...                                                    offset = sum of earlier members' (num_ids - 8)
 
-so ``vocab_size = 8 + sum(num_ids - 8)``. A sampled sequence is decoded by finding its source
-(:meth:`MixedDataModule.source_of`), undoing the shift (:meth:`SourceInfo.unshift`) and decoding with that
-source's tokenizer and codec (:meth:`SourceInfo.decode`).
+so ``vocab_size = 8 + sum(num_ids - 8)``. A sampled sequence is decoded by finding its member
+(:meth:`MixedDataModule.member_of`), undoing the shift (:meth:`MixtureMember.unshift`) and decoding with that
+member's tokenizer and codec (:meth:`MixtureMember.decode`).
 
-Each block of ``seq_len + 1`` ids comes from one source, drawn at random with the given weights
+Each block of ``seq_len + 1`` ids comes from one member, drawn at random with the given weights
 (``litdata.CombinedStreamingDataset``); batches carry each sequence's modality tag.
 """
 
@@ -25,26 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_deprecation
 from litdata import CombinedStreamingDataset
 
-from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks, check_blocks, count_blocks
-from jpeglm.prepare import PreparedDataset, read_dataset
+from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks
+from jpeglm.errors import UserError
+from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
+from jpeglm.vocabulary import Modality
 
-__all__ = ["MixedBlocks", "MixedDataModule", "SourceInfo"]
+__all__ = ["MixedBlocks", "MixedDataModule", "MixtureMember"]
 
 
 @dataclass(frozen=True)
-class SourceInfo:
-    """One source of a mixture: where its ids sit in the mixed vocabulary, and how to decode them.
+class MixtureMember:
+    """One member of a mixture (a prepared dataset): where its ids sit in the mixed vocabulary, and how to decode them.
 
     Attributes:
         path: the prepared directory.
         modality: "jpeg", "avc" or "text".
         modality_id: the modality's tag id (3, 4 or 5).
-        weight: share of sequences drawn from this source (normalized).
-        offset: added to the source's BPE ids (>= 8) in the mixed vocabulary.
-        num_ids: ids of the source's own tokenizer; its BPE ids occupy ``[8 + offset, num_ids + offset)``.
+        weight: share of sequences drawn from this member (normalized).
+        offset: added to the member's BPE ids (>= 8) in the mixed vocabulary.
+        num_ids: ids of the member's own tokenizer; its BPE ids occupy ``[8 + offset, num_ids + offset)``.
         dataset: the prepared dataset (its ``tokenizer`` and ``codec`` decode samples).
     """
 
@@ -58,41 +61,41 @@ class SourceInfo:
 
     @property
     def id_range(self) -> tuple[int, int]:
-        """The source's BPE ids in the mixed vocabulary: ``[start, stop)``."""
+        """The member's BPE ids in the mixed vocabulary: ``[start, stop)``."""
         return NUM_SPECIAL + self.offset, self.num_ids + self.offset
 
     @cached_property
     def tokenizer(self) -> CodecTokenizer:
-        """The source's own tokenizer (its ids are unshifted)."""
+        """The member's own tokenizer (its ids are unshifted)."""
         return self.dataset.tokenizer
 
     @cached_property
     def codec(self) -> Any:
-        """The codec that made the source's streams (None for text)."""
+        """The codec that made the member's streams (None for text)."""
         return self.tokenizer.codec
 
     def unshift(self, ids: np.ndarray) -> np.ndarray:
-        """Mixed ids back into the source tokenizer's ids (special ids stay; other sources' ids become pad)."""
+        """Mixed ids back into the member tokenizer's ids (special ids stay; other members' ids become pad)."""
         ids = np.asarray(ids, dtype=np.int64)
         start, stop = self.id_range
         inside = (ids >= start) & (ids < stop)
         return np.where(ids < NUM_SPECIAL, ids, np.where(inside, ids - self.offset, 0))
 
     def decode(self, ids: np.ndarray) -> bytes:
-        """The bytes that mixed ids of this source stand for (ids of other sources are dropped)."""
+        """The bytes that mixed ids of this member stand for (ids of other members are dropped)."""
         return self.tokenizer.decode(self.unshift(ids))
 
 
 class MixedBlocks(CombinedStreamingDataset):
-    """litdata's weighted mixture, resuming every worker of every source at the block where it stopped.
+    """litdata's weighted mixture, resuming every worker of every member at the block where it stopped.
 
-    A resumed loader hands the mixture each worker's count of blocks drawn per source; passing them on to the
-    sources (:attr:`TokenBlocks.samples_per_worker`) replaces litdata's split of one total over the workers,
+    A resumed loader hands the mixture each worker's count of blocks drawn per member; passing them on to the
+    members (:attr:`TokenBlocks.samples_per_worker`) replaces litdata's split of one total over the workers,
     which is wrong for a mixture with more than one worker.
     """
 
     def __iter__(self) -> Any:
-        counts = self._num_samples_yielded  # {worker: [blocks per source]} of a loaded state, else None
+        counts = self._num_samples_yielded  # {worker: [blocks per member]} of a loaded state, else None
         for index, dataset in enumerate(self._datasets):
             dataset.samples_per_worker = None if counts is None else {w: c[index] for w, c in counts.items()}
         return super().__iter__()
@@ -103,50 +106,59 @@ class MixedDataModule(StreamingDataModule):
 
     Batches are ``{"input_ids": LongTensor (B, seq_len + 1), "modality": LongTensor (B,)}``; ids are in the
     mixed vocabulary (module docstring) and ``modality`` is each sequence's tag id. An epoch ends when one
-    source runs out (litdata ``iterate_over_all=False``); its length in batches is fixed in advance to what
+    member runs out (litdata ``iterate_over_all=False``); its length in batches is fixed in advance to what
     every rank and worker surely delivers (see :meth:`_train_length`), so all ranks stop at the same step.
-    Validation goes over every source's val split once, unshuffled.
+    Validation goes over every member's val split once, unshuffled.
 
-    As in litdata, every worker of every rank draws its sources from the same ``random.Random(seed)``, anew each
-    epoch: the shares are right over an epoch, but the i-th batch of each worker mixes its sources alike.
+    As in litdata, every worker of every rank draws its members from the same ``random.Random(seed)``, anew each
+    epoch: the shares are right over an epoch, but the i-th batch of each worker mixes its members alike.
 
     Args:
-        sources: prepared dataset directories (``jpeglm prepare``), in the order that fixes the id offsets.
-        weights: share of sequences drawn from each source (normalized to sum to 1).
+        data_dirs: prepared dataset directories (``jpeglm prepare``), the members of the mixture, in the order
+            that fixes the id offsets.
+        weights: share of sequences drawn from each member (normalized to sum to 1).
         seq_len: tokens the model sees per sequence; blocks hold ``seq_len + 1`` ids.
         batch_size: sequences per batch on each rank.
         num_workers: loader worker processes per rank (0: load in the training process).
-        seed: seed of the shuffles and of the source draws.
+        seed: seed of the shuffles and of the member draws.
+        sources: deprecated name of ``data_dirs`` (recipes written before 0.2); give one of the two.
     """
 
     def __init__(
         self,
-        sources: list[str],
-        weights: list[float],
-        seq_len: int,
-        batch_size: int,
+        data_dirs: list[str] | None = None,
+        weights: list[float] | None = None,
+        seq_len: int = 12288,
+        batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 42,
+        sources: list[str] | None = None,
     ) -> None:
         super().__init__(seq_len, batch_size, num_workers, seed)
-        if not sources:
-            raise ValueError("sources is empty: give at least one prepared dataset directory")
-        if len(weights) != len(sources):
-            raise ValueError(f"{len(sources)} sources but {len(weights)} weights: give one weight per source")
+        if sources is not None:
+            if data_dirs is not None:
+                raise UserError("give data_dirs only (sources is its deprecated name)")
+            rank_zero_deprecation("MixedDataModule(sources=...) is deprecated: call it data_dirs")
+            data_dirs = sources
+        if not data_dirs:
+            raise UserError("data_dirs is empty: give at least one prepared dataset directory")
+        weights = [1.0] * len(data_dirs) if weights is None else weights
+        if len(weights) != len(data_dirs):
+            raise UserError(f"{len(data_dirs)} data_dirs but {len(weights)} weights: give one weight per directory")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+            raise UserError(f"weights must be >= 0 with a positive sum, got {weights}")
         self.save_hyperparameters()
-        self.sources = [Path(s).expanduser() for s in sources]
+        self.data_dirs = [Path(s).expanduser() for s in data_dirs]
         self.weights = [w / sum(weights) for w in weights]
 
     @cached_property
-    def sources_info(self) -> list[SourceInfo]:
-        """Each source's modality, weight, id offset and tokenizer, in the order given."""
+    def members(self) -> list[MixtureMember]:
+        """Each member's modality, weight, id offset and tokenizer, in the order given."""
         infos, offset = [], 0
-        for path, weight in zip(self.sources, self.weights, strict=True):
+        for path, weight in zip(self.data_dirs, self.weights, strict=True):
             dataset = read_dataset(path)
             infos.append(
-                SourceInfo(
+                MixtureMember(
                     path, dataset.modality, MODALITIES[dataset.modality], weight, offset, dataset.num_ids, dataset
                 )
             )
@@ -155,34 +167,38 @@ class MixedDataModule(StreamingDataModule):
 
     @property
     def offsets(self) -> list[int]:
-        """The id offset of each source's BPE ids."""
-        return [info.offset for info in self.sources_info]
+        """The id offset of each member's BPE ids."""
+        return [info.offset for info in self.members]
 
     @property
     def vocab_size(self) -> int:
-        """Ids the model must embed: ``8 + sum(num_ids - 8)`` over the sources."""
-        return NUM_SPECIAL + sum(info.num_ids - NUM_SPECIAL for info in self.sources_info)
+        """Ids the model must embed: ``8 + sum(num_ids - 8)`` over the members."""
+        return NUM_SPECIAL + sum(info.num_ids - NUM_SPECIAL for info in self.members)
 
-    def source_of(self, ids: np.ndarray) -> SourceInfo | None:
-        """The source whose BPE ids a sequence holds (the most of), or None for a sequence of special ids only."""
+    def modalities(self) -> list[Modality]:
+        """Every member's modality, tokenizer and id offset, in order."""
+        return [Modality(m.modality, m.tokenizer, m.offset, m.dataset) for m in self.members]
+
+    def member_of(self, ids: np.ndarray) -> MixtureMember | None:
+        """The member whose BPE ids a sequence holds (the most of), or None for a sequence of special ids only."""
         ids = np.asarray(ids).reshape(-1)
-        counts = [np.count_nonzero((ids >= a) & (ids < b)) for a, b in (s.id_range for s in self.sources_info)]
-        return self.sources_info[int(np.argmax(counts))] if max(counts) else None
+        counts = [np.count_nonzero((ids >= a) & (ids < b)) for a, b in (s.id_range for s in self.members)]
+        return self.members[int(np.argmax(counts))] if max(counts) else None
 
     def setup(self, stage: str) -> None:
-        """Check that every source with a positive weight has blocks of ``seq_len + 1`` ids."""
-        for info in self.sources_info:
+        """Check that every member with a positive weight has blocks of ``seq_len + 1`` ids."""
+        for info in self.members:
             if info.weight > 0:
                 check_blocks(self._split_dir(info, "train"), self.seq_len)
 
-    def _split_dir(self, info: SourceInfo, split: str) -> Path:
+    def _split_dir(self, info: MixtureMember, split: str) -> Path:
         directory = info.dataset.split_dir(split)
         if directory is None:
-            raise ValueError(f"source {info.path} has an empty {split} split")
+            raise UserError(f"mixture member {info.path} has an empty {split} split")
         return directory
 
     def _train_dataset(self) -> MixedBlocks:
-        used = [(index, info) for index, info in enumerate(self.sources_info) if info.weight > 0]
+        used = [(index, info) for index, info in enumerate(self.members) if info.weight > 0]
         datasets = [
             TokenBlocks(
                 self._split_dir(info, "train"),
@@ -190,7 +206,7 @@ class MixedDataModule(StreamingDataModule):
                 info.modality_id,
                 info.offset,
                 shuffle=True,
-                seed=self.seed + index,  # sources of the same size must not shuffle alike
+                seed=self.seed + index,  # members of the same size must not shuffle alike
             )
             for index, info in used
         ]
@@ -198,20 +214,20 @@ class MixedDataModule(StreamingDataModule):
 
     def _val_dataset(self) -> CombinedStreamingDataset | None:
         datasets = []
-        for info in self.sources_info:
+        for info in self.members:
             directory = info.dataset.split_dir("val")
             if directory is not None and count_blocks(directory, self.seq_len + 1):
                 datasets.append(TokenBlocks(directory, self.seq_len + 1, info.modality_id, info.offset))
-        # iterate_over_all: every source's val split once, in full
+        # iterate_over_all: every member's val split once, in full
         return CombinedStreamingDataset(datasets, seed=self.seed, iterate_over_all=True) if datasets else None
 
     def _train_length(self, dataset: CombinedStreamingDataset) -> int:
-        """Batches per epoch: what every rank and worker delivers before its first source runs out.
+        """Batches per epoch: what every rank and worker delivers before its first member runs out.
 
-        litdata gives each rank the same number of blocks of each source, split over the workers in whole
-        batches (the last worker gets the fewest), and draws the source of every sample from
+        litdata gives each rank the same number of blocks of each member, split over the workers in whole
+        batches (the last worker gets the fewest), and draws the member of every sample from
         ``random.Random(seed)`` in every worker. Replaying those draws against the last worker's share gives
-        the batches it yields before a source runs out; every worker yields at least as many, so an epoch of
+        the batches it yields before a member runs out; every worker yields at least as many, so an epoch of
         ``num_workers`` times that many batches ends on every rank at the same step, with full batches only.
         """
         workers = max(self.num_workers, 1)
@@ -222,10 +238,10 @@ class MixedDataModule(StreamingDataModule):
             for d in dataset._datasets
         ]
         rng, drawn = random.Random(self.seed), [0] * len(shares)
-        sources, weights = list(range(len(shares))), dataset._weights
+        members, weights = list(range(len(shares))), dataset._weights
         while True:
-            (source,) = rng.choices(sources, weights=weights, k=1)  # as litdata's _CombinedDatasetIterator draws
-            if drawn[source] == shares[source]:
+            (member,) = rng.choices(members, weights=weights, k=1)  # as litdata's _CombinedDatasetIterator draws
+            if drawn[member] == shares[member]:
                 break
-            drawn[source] += 1
+            drawn[member] += 1
         return workers * (sum(drawn) // self.batch_size)

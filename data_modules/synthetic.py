@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from jpeglm.codecs import AvcCodec, JpegCodec
 from jpeglm.data_modules.codec import PreparedDataModule
-from jpeglm.prepare import PreparedDataset, read_dataset
+from jpeglm.errors import UserError
+from jpeglm.shards import PreparedDataset, read_dataset
 from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, CodecTokenizer
 
 __all__ = ["SyntheticDataModule", "procedural_clip", "procedural_image"]
@@ -134,11 +135,11 @@ class SyntheticDataModule(PreparedDataModule):
         seed: int = 42,
     ) -> None:
         if modality not in ("jpeg", "avc"):
-            raise ValueError(f"modality must be 'jpeg' or 'avc', got {modality!r}")
+            raise UserError(f"modality must be 'jpeg' or 'avc', got {modality!r}")
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+            raise UserError(f"num_images must be >= 1, got {num_images}")
         if image_size < 16 or image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+            raise UserError(f"image_size must be a positive multiple of 16, got {image_size}")
         self.settings = {
             "version": _VERSION,
             "modality": modality,

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from jpeglm.errors import UserError
+
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint as one dictionary (``state_dict``, ``hyper_parameters``, loop and optimizer state).
@@ -24,7 +26,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         if not (path / "meta.pt").is_file() or not list(path.glob("*.distcp")):
-            raise ValueError(f"{path} is a directory but not a sharded Lightning checkpoint (no meta.pt / *.distcp)")
+            raise UserError(f"{path} is a directory but not a sharded Lightning checkpoint (no meta.pt / *.distcp)")
         # Lightning's own reader for its sharded format (what its consolidate_checkpoint module runs); it
         # uses torch.distributed.checkpoint without starting a process group.
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
@@ -32,7 +34,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = _load_distributed_checkpoint(path)
         return _unflatten_model_state(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -48,7 +50,7 @@ def consolidate(path: str | Path, output: str | Path) -> Path:
     """Write a (sharded) checkpoint as a single file."""
     output = Path(output)
     if output.exists():
-        raise FileExistsError(f"{output} exists; choose another --output")
+        raise UserError(f"{output} exists; choose another --output")
     checkpoint = load_checkpoint(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, output)
@@ -67,41 +69,42 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, list[Any]]:
-    """A trained CodecLM in eval mode and the sources (tokenizers, codecs, id offsets) stored with it.
+    """A trained CodecLM in eval mode and the modalities (tokenizers, codecs, id offsets) stored with it.
 
     Raises:
-        ValueError: the checkpoint was not written by a jpeglm training run (no hyperparameters or sources).
+        UserError: the checkpoint was not written by a jpeglm training run (no hyperparameters or vocabulary).
         CodecError: a stored codec spec that this installation would decode into garbage.
     """
     from jpeglm.model import CodecLM
-    from jpeglm.sources import from_records
+    from jpeglm.vocabulary import from_records, records_in
 
     checkpoint = load_checkpoint(path)
-    if "hyper_parameters" not in checkpoint or not checkpoint.get("jpeglm_sources"):
-        raise ValueError(f"{path} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
+    records = records_in(checkpoint)
+    if "hyper_parameters" not in checkpoint or not records:
+        raise UserError(f"{path} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
     model = CodecLM.from_hyperparameters(checkpoint["hyper_parameters"])
     model.configure_model()
     model.load_state_dict(checkpoint["state_dict"])
-    model.sources = checkpoint["jpeglm_sources"]
-    return model.to(device).eval(), from_records(checkpoint["jpeglm_sources"])
+    model.vocabulary = records
+    return model.to(device).eval(), from_records(records)
 
 
-def check_tokenizer(sources: list[Any], tokenizer_dir: str | Path | None) -> None:
+def check_tokenizer(modalities: list[Any], tokenizer_dir: str | Path | None) -> None:
     """Refuse a user-given tokenizer that differs from the one the checkpoint was trained with."""
     if tokenizer_dir is None:
         return
     from jpeglm.tokenizer import CodecTokenizer
 
     given = CodecTokenizer.load(tokenizer_dir)
-    for source in sources:
-        if source.modality == given.modality:
-            if source.tokenizer.tokenizer.to_str() != given.tokenizer.to_str():
-                raise ValueError(
+    for modality in modalities:
+        if modality.name == given.modality:
+            if modality.tokenizer.tokenizer.to_str() != given.tokenizer.to_str():
+                raise UserError(
                     f"tokenizer {tokenizer_dir} is not the {given.modality} tokenizer this model was "
                     "trained with (its vocabulary or merges differ); leave --tokenizer out to use the "
                     "checkpoint's own"
                 )
-            if source.tokenizer.codec_spec != given.codec_spec:
-                raise ValueError(f"tokenizer {tokenizer_dir} carries another codec spec than the checkpoint's")
+            if modality.tokenizer.codec_spec != given.codec_spec:
+                raise UserError(f"tokenizer {tokenizer_dir} carries another codec spec than the checkpoint's")
             return
-    raise ValueError(f"the model was not trained on {given.modality!r} (it knows {[s.modality for s in sources]})")
+    raise UserError(f"the model was not trained on {given.modality!r} (it knows {[m.name for m in modalities]})")

@@ -28,7 +28,7 @@ from jpeglm.callbacks.fid import fid_metric, to_batch
 from jpeglm.callbacks.samples import cut
 from jpeglm.checkpoints import load_model
 from jpeglm.generation import generate_source, make_prompt, sequence_bytes
-from jpeglm.inputs import find_sources
+from jpeglm.inputs import find_inputs
 from jpeglm.sample import pick_source
 
 
@@ -125,7 +125,7 @@ def evaluate(
 
 def _originals(codec: Any, inputs: list[str], limit: int | None) -> tuple[list[bytes], list[np.ndarray]]:
     streams, reals = [], []
-    for item in find_sources(inputs, "jpeg").sources:
+    for item in find_inputs(inputs, "jpeg").items:
         try:
             data = item.path if item.size < 0 else item.read()
             reals.append(np.asarray(codec.prepare(data)))

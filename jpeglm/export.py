@@ -27,7 +27,9 @@ from litgpt import Config
 from tokenizers import Tokenizer
 
 from jpeglm.checkpoints import load_checkpoint
+from jpeglm.errors import UserError
 from jpeglm.tokenizer import CodecTokenizer
+from jpeglm.vocabulary import records_in
 
 FORMATS = ("hf", "litgpt")
 # Wrappers that training may leave in parameter names (activation checkpointing, torch.compile).
@@ -67,13 +69,14 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "hf") -> Pa
             (for "hf") a model shape that a Hugging Face Llama cannot represent.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+        raise UserError(f"unknown export format {format!r}; choose one of {FORMATS}")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output")
+        raise UserError(f"{output} exists and is not empty; choose another --output")
     ckpt = load_checkpoint(checkpoint)
-    if "hyper_parameters" not in ckpt or not ckpt.get("jpeglm_sources"):
-        raise ValueError(f"{checkpoint} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
+    records = records_in(ckpt)
+    if "hyper_parameters" not in ckpt or not records:
+        raise UserError(f"{checkpoint} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
     config = litgpt_config(ckpt["hyper_parameters"])
     weights = litgpt_state_dict(ckpt["state_dict"])
     if format == "hf":
@@ -83,7 +86,7 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "hf") -> Pa
         write_hf(config, weights, output)
     else:
         write_litgpt(config, weights, output)
-    write_sources(ckpt["jpeglm_sources"], output)
+    write_vocabulary(records, output)
     return output
 
 
@@ -98,7 +101,7 @@ def litgpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """CodecLM's ``model.<litgpt key>`` tensors as a plain litgpt ``GPT`` state dict."""
     weights = {_WRAPPERS.sub("", k.removeprefix("model.")): v for k, v in state_dict.items() if k.startswith("model.")}
     if not weights:
-        raise ValueError("the checkpoint holds no CodecLM weights (no `model.*` keys in its state_dict)")
+        raise UserError("the checkpoint holds no CodecLM weights (no `model.*` keys in its state_dict)")
     return weights
 
 
@@ -108,7 +111,7 @@ def check_llama_shape(config: Config) -> None:
     if getattr(config, "n_expert", 0):
         odd["n_expert"] = config.n_expert
     if odd:
-        raise ValueError(f"the model is not a plain Llama ({odd}); export it with --format litgpt instead")
+        raise UserError(f"the model is not a plain Llama ({odd}); export it with --format litgpt instead")
 
 
 def hf_config(config: Config, dtype: torch.dtype) -> dict[str, Any]:
@@ -158,8 +161,8 @@ def write_litgpt(config: Config, weights: dict[str, torch.Tensor], output: Path)
     save_config(config, output)
 
 
-def write_sources(records: list[dict[str, Any]], output: Path) -> None:
-    """Each source's tokenizer directory and ``jpeglm_sources.json`` (modality, offset, where its files are)."""
+def write_vocabulary(records: list[dict[str, Any]], output: Path) -> None:
+    """Each modality's tokenizer directory and ``jpeglm_sources.json`` (modality, offset, where its files are)."""
     listing = []
     for r in records:
         directory = output if len(records) == 1 else output / r["modality"]

@@ -6,7 +6,7 @@ the list file's directory), and webdataset-style ``.tar`` shards (their members 
 extensions are inputs). For text, a ``.txt`` file is one item and each line of a ``.jsonl`` file is
 one item (its ``text`` field).
 
-Every item is a :class:`Source`: a byte range of a file plus a stable ``key`` (the path relative to
+Every item is a :class:`InputItem`: a byte range of a file plus a stable ``key`` (the path relative to
 the directory it was found in, ``shard.tar/member`` for tar members, ``file.jsonl:LINE`` for lines)
 that names it in reports and decides its train/val split, so moving a dataset directory changes nothing.
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jpeglm.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
 )
@@ -33,12 +35,12 @@ EXTENSIONS = {"jpeg": IMAGE_EXTENSIONS, "avc": VIDEO_EXTENSIONS, "text": TEXT_EX
 _LIST_EXTENSIONS = frozenset({".lst", ".list"})
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The inputs themselves are wrong (missing path, nothing to read): the job cannot start."""
 
 
 @dataclass(frozen=True)
-class Source:
+class InputItem:
     """One input item: ``size`` bytes at ``offset`` of ``path`` (``size < 0``: the whole file).
 
     Attributes:
@@ -81,11 +83,11 @@ class Source:
 class Inputs:
     """Items to read, and files found that the modality does not read (by their path)."""
 
-    sources: list[Source] = field(default_factory=list)
+    items: list[InputItem] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
 
 
-def find_sources(inputs: Sequence[str | Path], modality: str) -> Inputs:
+def find_inputs(inputs: Sequence[str | Path], modality: str) -> Inputs:
     """Expand directories, globs, list files, tar shards and jsonl files into a deterministic list of items.
 
     Raises:
@@ -96,8 +98,8 @@ def find_sources(inputs: Sequence[str | Path], modality: str) -> Inputs:
     found = Inputs()
     for item in inputs:
         _expand(str(item), None, modality, found)
-    found.sources = list({(s.path, s.offset, s.size): s for s in found.sources}.values())  # drop repeats, keep order
-    if not found.sources:
+    found.items = list({(s.path, s.offset, s.size): s for s in found.items}.values())  # drop repeats, keep order
+    if not found.items:
         hint = f" ({len(found.ignored)} files of other types)" if found.ignored else ""
         extensions = ", ".join(sorted(EXTENSIONS[modality] | {".tar"}))
         raise InputError(f"no {modality} inputs ({extensions}) in {list(map(str, inputs))}{hint}")
@@ -132,9 +134,9 @@ def _add_file(path: Path, key: str, modality: str, found: Inputs, from_directory
     if suffix == ".tar":
         _add_tar(path, key, modality, found)
     elif suffix == ".jsonl" and modality == "text":
-        found.sources += _jsonl_lines(path, key)
+        found.items += _jsonl_lines(path, key)
     elif suffix in EXTENSIONS[modality] or not from_directory:
-        found.sources.append(Source(path, key))  # a file named explicitly is tried whatever its extension
+        found.items.append(InputItem(path, key))  # a file named explicitly is tried whatever its extension
     else:
         found.ignored.append(path)
 
@@ -147,19 +149,19 @@ def _add_tar(path: Path, key: str, modality: str, found: Inputs) -> None:
         raise InputError(f"{path}: cannot read tar shard ({e})") from e
     for m in members:
         if Path(m.name).suffix.lower() in EXTENSIONS[modality] and Path(m.name).suffix.lower() != ".jsonl":
-            found.sources.append(Source(path, f"{key}/{m.name}", m.offset_data, m.size))
+            found.items.append(InputItem(path, f"{key}/{m.name}", m.offset_data, m.size))
         else:
             found.ignored.append(path / m.name)
 
 
-def _jsonl_lines(path: Path, key: str) -> list[Source]:
-    sources, offset = [], 0
+def _jsonl_lines(path: Path, key: str) -> list[InputItem]:
+    items, offset = [], 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
-                sources.append(Source(path, f"{key}:{number}", offset, len(line), line=True))
+                items.append(InputItem(path, f"{key}:{number}", offset, len(line), line=True))
             offset += len(line)
-    return sources
+    return items
 
 
 def _is_list_file(path: Path, modality: str) -> bool:
@@ -175,53 +177,53 @@ class Encoded:
     """One input turned into a stream, or the reason it could not be.
 
     Attributes:
-        source: the input.
+        item: the input.
         stream: the codec's byte stream (UTF-8 bytes for text), or None when the input was skipped.
         reason: why it was skipped: "empty", "unreadable", "not_utf8", or a ``CodecError.reason``
             ("corrupt", "truncated", "too_large", "no_video", ...).
         error: the message that explains the skip.
     """
 
-    source: Source
+    item: InputItem
     stream: bytes | None
     reason: str | None = None
     error: str | None = None
 
 
-def encode_source(codec: Any, source: Source) -> Encoded:
+def encode_input(codec: Any, item: InputItem) -> Encoded:
     """Read one input and encode it with ``codec`` (None for text); every failure becomes a counted skip."""
     from jpeglm.codecs import CodecError
 
     try:
         # Whole media files go to the codec by path (its errors then name the file); the rest as bytes.
-        whole_file = codec is not None and source.size < 0
-        data = None if whole_file else source.read()
-        if not (source.path.stat().st_size if whole_file else len(data)):
-            return Encoded(source, None, "empty", "no bytes")
+        whole_file = codec is not None and item.size < 0
+        data = None if whole_file else item.read()
+        if not (item.path.stat().st_size if whole_file else len(data)):
+            return Encoded(item, None, "empty", "no bytes")
     except OSError as e:
-        return Encoded(source, None, "unreadable", f"{type(e).__name__}: {e}")
+        return Encoded(item, None, "unreadable", f"{type(e).__name__}: {e}")
     except ValueError as e:  # a jsonl line without a text field
-        return Encoded(source, None, "corrupt", str(e))
+        return Encoded(item, None, "corrupt", str(e))
     if codec is None:
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
-            return Encoded(source, None, "not_utf8", str(e))
-        return Encoded(source, data)
+            return Encoded(item, None, "not_utf8", str(e))
+        return Encoded(item, data)
     try:
-        return Encoded(source, codec.encode(source.path if whole_file else data))
+        return Encoded(item, codec.encode(item.path if whole_file else data))
     except CodecError as e:
-        return Encoded(source, None, e.reason, str(e) if whole_file else f"{source.name}: {e}")
+        return Encoded(item, None, e.reason, str(e) if whole_file else f"{item.name}: {e}")
     except Exception as e:  # a codec bug on one input must not stop a million-item job: skip, report it
-        return Encoded(source, None, "error", f"{type(e).__name__}: {e}")
+        return Encoded(item, None, "error", f"{type(e).__name__}: {e}")
 
 
-def encode_sources(codec: Any, sources: Sequence[Source], num_workers: int) -> Iterator[Encoded]:
+def encode_inputs(codec: Any, items: Sequence[InputItem], num_workers: int) -> Iterator[Encoded]:
     """Encode inputs on ``num_workers`` processes, yielding results in input order."""
     if num_workers <= 1:
-        for source in sources:
-            yield encode_source(codec, source)
+        for item in items:
+            yield encode_input(codec, item)
         return
     # spawn, not fork: the parent may already run threads (tokenizers, torch) that fork would copy half-way.
     with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(encode_source, [codec] * len(sources), sources, chunksize=8)
+        yield from pool.map(encode_input, [codec] * len(items), items, chunksize=8)

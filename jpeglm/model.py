@@ -13,7 +13,8 @@ it adds around litgpt's ``GPT``:
   of attention and MLP ~ N(0, 1 / (sqrt(d) n_layer)), biases zero, norms one.
 - AdamW (weight decay on matrices only, none on norms and biases), linear warmup then cosine decay to
   ``min_lr_ratio * learning_rate`` over ``trainer.max_steps``, gradient clipping by norm.
-- Checkpoints carry the tokenizers and codec specs of the data (``jpeglm_sources``, see jpeglm/sources.py).
+- Checkpoints carry the tokenizers and codec specs of the data (``jpeglm_vocabulary``, see jpeglm/vocabulary.py),
+  which the data module hands over through :class:`~jpeglm.vocabulary.DescribesVocabulary` in ``setup``.
 - Logged: loss, bits per byte of the codec stream (when the data module gives token byte lengths),
   per-modality loss, learning rate, gradient norm; ``flops_per_batch`` for Lightning's ThroughputMonitor.
 - A non-finite loss skips the step on every rank with a counted warning; ``max_bad_steps`` in a row stop
@@ -36,8 +37,9 @@ from litgpt.utils import estimate_flops
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from jpeglm.sources import sources_of, to_records
+from jpeglm.errors import UserError
 from jpeglm.tokenizer import MODALITIES
+from jpeglm.vocabulary import CHECKPOINT_KEY, DescribesVocabulary, records_in, to_records
 
 _MODALITY_NAMES = {tag: name for name, tag in MODALITIES.items()}
 
@@ -84,7 +86,7 @@ class CodecLM(L.LightningModule):
         self.bad_steps = 0
         self.skipped_steps = 0
         self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes each id stands for, from the data module
-        self.sources: list[dict[str, Any]] = []  # what the ids mean (jpeglm.sources records), saved in checkpoints
+        self.vocabulary: list[dict[str, Any]] = []  # what the ids mean (jpeglm.vocabulary records), in checkpoints
 
     @classmethod
     def from_hyperparameters(cls, hyper_parameters: dict[str, Any]) -> CodecLM:
@@ -116,19 +118,19 @@ class CodecLM(L.LightningModule):
         self.flops_per_batch = None  # set from the first batch (it depends on the micro-batch size)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        lengths = getattr(datamodule, "token_byte_lengths", None)
-        if lengths is not None:
-            self.token_bytes = torch.as_tensor(lengths, dtype=torch.float32)
-        self.sources = to_records(sources_of(datamodule)) or self.sources
+        # The one channel from the data to the model (docs/architecture.md): what the ids mean, and their bytes.
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, DescribesVocabulary):
+            self.token_bytes = torch.as_tensor(datamodule.token_byte_lengths(), dtype=torch.float32)
+            self.vocabulary = to_records(datamodule.modalities()) or self.vocabulary
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Tokenizers and codec specs travel with the weights: sampling and export need nothing else.
-        if self.sources:
-            checkpoint["jpeglm_sources"] = self.sources
+        if self.vocabulary:
+            checkpoint[CHECKPOINT_KEY] = self.vocabulary
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.sources = checkpoint.get("jpeglm_sources", self.sources)
+        self.vocabulary = records_in(checkpoint) or self.vocabulary
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)  # (B, T, vocab)
@@ -183,7 +185,7 @@ class CodecLM(L.LightningModule):
             return
         # Validation and test are reduced across ranks at the epoch's end, metric by metric: every rank must log
         # the same names, so each logs every modality of the data, weighted by its sequences (0 when absent).
-        tags = sorted({MODALITIES[r["modality"]] for r in self.sources if r.get("modality") in MODALITIES})
+        tags = sorted({MODALITIES[r["modality"]] for r in self.vocabulary if r.get("modality") in MODALITIES})
         for tag in tags if len(tags) > 1 else []:
             chosen = modality == tag
             count = int(chosen.sum())
@@ -228,7 +230,7 @@ class CodecLM(L.LightningModule):
         # max_epochs is set drops the data loader's restored state (litdata #775, Lightning #20550).
         total = self.trainer.max_steps
         if total is None or total < 1:
-            raise ValueError("set trainer.max_steps: the learning-rate schedule is defined over it")
+            raise UserError("set trainer.max_steps: the learning-rate schedule is defined over it")
         schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, min_ratio=hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,14 +1,8 @@
 """``jpeglm prepare``: turn images, videos or text into litdata token shards that training streams.
 
 Each input becomes one sample ``bos, modality tag, codec tokens..., eos`` (see jpeglm/tokenizer.py),
-written with litdata's ``BinaryWriter`` in the layout ``litdata.TokensLoader`` reads. The output
-directory describes itself::
-
-    OUT/dataset.json          written last: a directory without it is never read as a dataset
-    OUT/train/, OUT/val/      litdata shards (index.json + chunk-*.bin), uint16 tokens when they fit
-    OUT/tokenizer/            the tokenizer (tokenizer.json, id_layout.json, codec_spec.json)
-    OUT/codec_spec.json       the codec's settings and checksums
-    OUT/prepare_report.json   items seen / written / skipped by reason (with paths), token statistics, timing
+written with litdata's ``BinaryWriter`` in the layout ``litdata.TokensLoader`` reads. This module is the
+writer; the format and its reader (:func:`read_dataset`, re-exported here) live in jpeglm/shards.py.
 
 Why not ``litdata.optimize``: a job of a million inputs must survive ``kill -9`` with no duplicate and
 no gap, and must report every skipped input with its reason in one place. Here the inputs are cut
@@ -43,89 +37,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jpeglm.inputs import Encoded, InputError, Source, encode_source, find_sources
+from jpeglm.inputs import Encoded, InputError, InputItem, encode_input, find_inputs
+from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
 from jpeglm.tokenizer import MODALITIES, CodecTokenizer
 from jpeglm.train_tokenizer import add_codec_argument, train_tokenizer
 
-FORMAT = 1
-SPLITS = ("train", "val")
-_WORK = ".prepare"  # work area: state, finished parts, the part being written
+__all__ = ["PreparedDataset", "prepare", "read_dataset", "summary"]
 _BATCH = 16  # inputs per worker task: tokenized together in one Rust call
-
-
-@dataclass(frozen=True)
-class PreparedDataset:
-    """A complete prepared directory, as ``dataset.json`` describes it.
-
-    Attributes:
-        path: the directory.
-        modality: "jpeg", "avc" or "text".
-        num_ids: ids of its tokenizer (the model's vocabulary size for this data alone).
-        dtype: numpy dtype of the stored token ids.
-        splits: ``{"train": {"items": n, "tokens": n}, "val": {...}}``.
-    """
-
-    path: Path
-    modality: str
-    num_ids: int
-    dtype: str
-    splits: dict[str, dict[str, int]]
-
-    @property
-    def tokenizer(self) -> CodecTokenizer:
-        return CodecTokenizer.load(self.path / "tokenizer")
-
-    @property
-    def codec(self) -> Any:
-        """The codec the data was made with, checked against this installation (None for text)."""
-        return self.tokenizer.codec
-
-    def split_dir(self, split: str) -> Path | None:
-        """The litdata directory of a split, or None when the split is empty."""
-        return self.path / split if self.splits.get(split, {}).get("items") else None
-
-    def samples(self, split: str = "val") -> Iterator[np.ndarray]:
-        """Each sample of a split (bos, tag, tokens, eos) in the order written, read straight from the chunks.
-
-        Training streams fixed-length blocks that cut across samples; this reads whole samples, e.g. to
-        get the original images of validation items back for prompts and FID.
-        """
-        directory = self.split_dir(split)
-        if directory is None:
-            return
-        for chunk in json.loads((directory / "index.json").read_text())["chunks"]:
-            # litdata chunk: uint32 item count N, uint32 offsets[N + 1] (from the file start), item bytes.
-            raw = np.fromfile(directory / chunk["filename"], dtype=np.uint8)
-            count = int(raw[:4].view(np.uint32)[0])
-            offsets = raw[4 : 4 * (count + 2)].view(np.uint32)
-            for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
-                yield raw[begin:end].view(self.dtype)
-
-
-def read_dataset(path: str | Path) -> PreparedDataset:
-    """Open a prepared directory.
-
-    Raises:
-        ValueError: the directory does not exist, or is not a complete prepared dataset (for example a
-            ``jpeglm prepare`` that was killed and not re-run).
-    """
-    path = Path(path)
-    meta = path / "dataset.json"
-    if not path.is_dir():
-        raise ValueError(
-            f"{path} is not a complete prepared dataset: the directory does not exist; make it with "
-            f"`jpeglm prepare --modality M --input FILES --output {path}`"
-        )
-    if not meta.is_file():
-        if (path / _WORK).exists():
-            state = " (an unfinished `jpeglm prepare`: run it again to finish)"
-        else:
-            state = "; give a directory written by `jpeglm prepare`"
-        raise ValueError(f"{path} is not a complete prepared dataset: no dataset.json{state}")
-    info = json.loads(meta.read_text())
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: dataset format {info.get('format')!r}, this jpeglm reads format {FORMAT}")
-    return PreparedDataset(path, info["modality"], info["num_ids"], info["dtype"], info["splits"])
 
 
 # ---------------------------------------------------------------------- the job
@@ -134,7 +52,7 @@ def read_dataset(path: str | Path) -> PreparedDataset:
 @dataclass
 class _Job:
     modality: str
-    sources: list[Source]
+    items: list[InputItem]
     ignored: list[Path]
     output: Path
     val_fraction: float
@@ -144,17 +62,17 @@ class _Job:
 
     @property
     def work(self) -> Path:
-        return self.output / _WORK
+        return self.output / WORK_DIR
 
     @property
     def num_parts(self) -> int:
-        return -(-len(self.sources) // self.part_size)
+        return -(-len(self.items) // self.part_size)
 
     def part_dir(self, part: int) -> Path:
         return self.work / "parts" / f"part-{part:06d}"
 
-    def part_sources(self, part: int) -> list[Source]:
-        return self.sources[part * self.part_size : (part + 1) * self.part_size]
+    def part_items(self, part: int) -> list[InputItem]:
+        return self.items[part * self.part_size : (part + 1) * self.part_size]
 
 
 def prepare(
@@ -203,9 +121,9 @@ def prepare(
         raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
     if given is not None and codec_options:
         raise ValueError("codec options apply only when no --tokenizer is given (its codec spec decides)")
-    found = find_sources(inputs, modality)
-    sources = found.sources[:max_items] if max_items else found.sources
-    random.Random(seed).shuffle(sources)
+    found = find_inputs(inputs, modality)
+    items = found.items[:max_items] if max_items else found.items
+    random.Random(seed).shuffle(items)
     output = Path(output)
     settings = {
         "modality": modality,
@@ -217,7 +135,7 @@ def prepare(
         "codec_options": codec_options or {},
     }
     job = _Job(
-        modality, sources, found.ignored, output, val_fraction, part_size, chunk_bytes, _fingerprint(settings, sources)
+        modality, items, found.ignored, output, val_fraction, part_size, chunk_bytes, _fingerprint(settings, items)
     )
     with _locked(job):
         if (done := _already_done(job)) is not None:
@@ -229,9 +147,9 @@ def prepare(
     return report
 
 
-def _fingerprint(settings: dict[str, Any], sources: list[Source]) -> str:
+def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for s in sources:
+    for s in items:
         digest.update(f"{s.key}\0{s.path}\0{s.offset}\0{s.size}\n".encode())
     return digest.hexdigest()
 
@@ -246,7 +164,7 @@ class _locked:
         job = self.job
         if job.output.exists() and not job.output.is_dir():
             raise InputError(f"output {job.output} exists and is not a directory")
-        known = {_WORK, "dataset.json", "train", "val", "tokenizer", "codec_spec.json", "prepare_report.json"}
+        known = {WORK_DIR, "dataset.json", "train", "val", "tokenizer", "codec_spec.json", "prepare_report.json"}
         if job.output.is_dir() and any(p.name not in known for p in job.output.iterdir()):
             raise InputError(f"output directory {job.output} holds other files; give an empty or new directory")
         job.work.mkdir(parents=True, exist_ok=True)
@@ -313,10 +231,10 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker.update(tokenizer=tok, codec=tok.codec)
 
 
-def _process(batch: list[Source]) -> list[tuple[Encoded, np.ndarray | None]]:
+def _process(batch: list[InputItem]) -> list[tuple[Encoded, np.ndarray | None]]:
     """Encode and tokenize a batch of inputs: (result, token ids or None) per input, in order."""
     tok, codec = _worker["tokenizer"], _worker["codec"]
-    results = [encode_source(codec, source) for source in batch]
+    results = [encode_input(codec, source) for source in batch]
     good = [r.stream for r in results if r.stream is not None]
     ids = iter(tok.encode_batch(good, add_special_tokens=True)) if good else iter(())
     dtype = _dtype(tok)
@@ -327,11 +245,11 @@ def _dtype(tok: CodecTokenizer) -> str:
     return "uint16" if tok.num_ids <= 2**16 else "int32"
 
 
-def _batches(job: _Job, parts: list[int]) -> Iterator[list[Source]]:
+def _batches(job: _Job, parts: list[int]) -> Iterator[list[InputItem]]:
     for part in parts:
-        sources = job.part_sources(part)
-        for i in range(0, len(sources), _BATCH):
-            yield sources[i : i + _BATCH]
+        items = job.part_items(part)
+        for i in range(0, len(items), _BATCH):
+            yield items[i : i + _BATCH]
 
 
 def _results(job: _Job, parts: list[int], tokenizer_dir: Path, num_workers: int) -> Iterator:
@@ -372,9 +290,9 @@ class _PartWriter:
 
     def add(self, result: Encoded, ids: np.ndarray | None) -> None:
         if ids is None:
-            self.skipped.append({"source": result.source.name, "reason": result.reason, "error": result.error})
+            self.skipped.append({"source": result.item.name, "reason": result.reason, "error": result.error})
             return
-        split = "val" if _is_val(result.source.key, self.job.val_fraction) else "train"
+        split = "val" if _is_val(result.item.key, self.job.val_fraction) else "train"
         self.writers[split].add_item(self.items[split], ids)
         self.items[split] += 1
         self.tokens[split] += len(ids)
@@ -404,10 +322,10 @@ def _is_val(key: str, val_fraction: float) -> bool:
 
 def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool) -> Counter:
     todo = [p for p in range(job.num_parts) if not (job.part_dir(p) / "part.json").is_file()]
-    done_items = len(job.sources) - sum(len(job.part_sources(p)) for p in todo)
+    done_items = len(job.items) - sum(len(job.part_items(p)) for p in todo)
     counts = Counter(processed=0)
     bar = tqdm(
-        total=len(job.sources),
+        total=len(job.items),
         initial=done_items,
         desc=f"prepare {job.modality}",
         unit="item",
@@ -420,7 +338,7 @@ def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool)
     results = _results(job, todo, job.output / "tokenizer", num_workers)
     for part in todo:
         writer = _PartWriter(job, part)
-        for _ in range(len(job.part_sources(part))):
+        for _ in range(len(job.part_items(part))):
             result, ids = next(results)
             writer.add(result, ids)
             seen += 1
@@ -448,7 +366,7 @@ def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds
             _merge_split(parts, job.output / split)
     written = sum(v["items"] for v in splits.values())
     if not written:
-        raise ValueError(f"none of the {len(job.sources)} inputs could be written; see the reasons above")
+        raise ValueError(f"none of the {len(job.items)} inputs could be written; see the reasons above")
     report = _report(job, tok, parts, summaries, splits, counts, seconds)
     _write_json(job.output / "prepare_report.json", report)
     _write_json(job.output / "codec_spec.json", tok.codec_spec)
@@ -495,7 +413,7 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
     return {
         "modality": job.modality,
         "output": str(job.output),
-        "items_seen": len(job.sources) + len(job.ignored),
+        "items_seen": len(job.items) + len(job.ignored),
         "items_written": int(len(lengths)),
         "items_skipped": len(skipped),
         "skipped_by_reason": dict(reasons.most_common()),

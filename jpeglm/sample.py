@@ -28,25 +28,18 @@ from tqdm import tqdm
 from jpeglm.callbacks.samples import cut, grid, picture
 from jpeglm.checkpoints import check_tokenizer, load_model
 from jpeglm.generation import generate_source, make_prompt, new_token_budget, sequence_bytes
-from jpeglm.inputs import encode_source, find_sources
-from jpeglm.sources import Source
-
-
-def pick_source(sources: list[Source], modality: str | None) -> Source:
-    media = [s for s in sources if s.modality != "text" and (modality is None or s.modality == modality)]
-    if not media:
-        known = [s.modality for s in sources]
-        raise ValueError(f"the model has no {modality or 'image or video'} modality to sample (it knows {known})")
-    return media[0]
+from jpeglm.inputs import encode_input, find_inputs
+from jpeglm.vocabulary import Modality as Source
+from jpeglm.vocabulary import pick_modality as pick_source
 
 
 def prompt_streams(source: Source, inputs: list[str], count: int, ratio: float) -> list[tuple[str, bytes, bytes]]:
     """(name, prompt stream, original stream) for the first ``count`` readable inputs."""
     codec = source.codec
-    found = find_sources(inputs, source.modality).sources
+    found = find_inputs(inputs, source.name).items
     prompts = []
     for item in found:
-        encoded = encode_source(codec, item)
+        encoded = encode_input(codec, item)
         if encoded.stream is None:
             print(f"skipped {item.name}: {encoded.error}")
             continue

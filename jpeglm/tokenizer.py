@@ -3,7 +3,7 @@
 Bytes become symbols without a Python loop: a byte string decoded as Latin-1 is a string whose
 code points are exactly the byte values (U+0000..U+00FF), so ``tokenizers`` runs BPE on it in Rust,
 and ``str.encode("latin-1")`` turns decoded tokens back into the bytes. Traps this avoids (see
-DESIGN.md): no normalizer, no ``ByteLevel`` pre-tokenizer (it adds prefix spaces and works on UTF-8),
+docs/architecture.md): no normalizer, no ``ByteLevel`` pre-tokenizer (it adds prefix spaces and works on UTF-8),
 a ``Fuse`` decoder (decode would otherwise join tokens with spaces), and all 256 bytes in the
 alphabet (bytes unseen in training would otherwise vanish). Special tokens use a fullwidth bar
 (``<｜bos｜>``, U+FF5C), a character no Latin-1 string can hold, so no byte sequence can ever be
@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from jpeglm.errors import UserError
 
 SPECIAL_TOKENS = (
     "<｜pad｜>",
@@ -80,10 +82,10 @@ class CodecTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, modality: str, codec_spec: dict[str, Any] | None = None) -> None:
         if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+            raise UserError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         for i, token in enumerate(SPECIAL_TOKENS):
             if tokenizer.token_to_id(token) != i:
-                raise ValueError(f"not a jpeglm tokenizer: {token} is not id {i}")
+                raise UserError(f"not a jpeglm tokenizer: {token} is not id {i}")
         self.tokenizer = tokenizer
         self.modality = modality
         self.codec_spec = codec_spec
@@ -126,10 +128,10 @@ class CodecTokenizer:
             length: number of streams, if known (for the progress bar).
         """
         if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+            raise UserError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         vocab_size = DEFAULT_VOCAB_SIZE[modality] if vocab_size is None else vocab_size
         if vocab_size < 256:
-            raise ValueError(f"vocab_size counts the 256 single bytes and must be >= 256, got {vocab_size}")
+            raise UserError(f"vocab_size counts the 256 single bytes and must be >= 256, got {vocab_size}")
         raw = Tokenizer(models.BPE())
         raw.pre_tokenizer = _pre_tokenizer(modality)
         trainer = trainers.BpeTrainer(
@@ -197,16 +199,16 @@ class CodecTokenizer:
         """Read a tokenizer directory written by :meth:`save`.
 
         Raises:
-            FileNotFoundError: a file of the directory is missing.
-            ValueError: the files are not a jpeglm tokenizer of a known format.
+            UserError: a file of the directory is missing, or
+                the files are not a jpeglm tokenizer of a known format.
         """
         directory = Path(directory)
         missing = [f for f in _FILES if not (directory / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{directory} is not a jpeglm tokenizer directory: missing {missing}")
+            raise UserError(f"{directory} is not a jpeglm tokenizer directory: missing {missing}")
         layout = json.loads((directory / "id_layout.json").read_text())
         if layout.get("format") != _FORMAT:
-            raise ValueError(f"{directory}: tokenizer format {layout.get('format')!r}, expected {_FORMAT}")
+            raise UserError(f"{directory}: tokenizer format {layout.get('format')!r}, expected {_FORMAT}")
         spec = json.loads((directory / "codec_spec.json").read_text())
         return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), layout["modality"], spec)
 

@@ -29,11 +29,12 @@ from lightning.pytorch.cli import LightningCLI
 import jpeglm.callbacks  # noqa: F401 - known subclasses: `--data.help CodecDataModule`, `--trainer.callbacks.help LogLines`
 import jpeglm.data_modules  # noqa: F401
 from jpeglm.codecs import CodecError
+from jpeglm.errors import UserError
 from jpeglm.model import CodecLM
 
 SUBCOMMANDS = ("fit", "validate", "test")
-USER_ERRORS = (CodecError, FileNotFoundError, FileExistsError, ValueError, MisconfigurationException)
-"""Exceptions that mean the command, config or data is wrong (``InputError`` is a ``ValueError``)."""
+USER_ERRORS = (UserError, CodecError, MisconfigurationException)
+"""Exceptions that mean the command, config or data is wrong; anything else is a bug and keeps its traceback."""
 
 
 class JpeglmCLI(LightningCLI):
@@ -56,14 +57,14 @@ def check_accelerator(accelerator: object) -> None:
     """Refuse a config that asks for a GPU on a machine without one, before anything is built.
 
     Raises:
-        ValueError: ``trainer.accelerator`` is gpu or cuda and no CUDA device is visible (nor, for gpu, MPS).
+        UserError: ``trainer.accelerator`` is gpu or cuda and no CUDA device is visible (nor, for gpu, MPS).
     """
     name = accelerator if isinstance(accelerator, str) else str(getattr(accelerator, "class_path", ""))
     if name not in ("gpu", "cuda") and not name.endswith("CUDAAccelerator"):
         return
     if CUDAAccelerator.is_available() or (name == "gpu" and MPSAccelerator.is_available()):
         return
-    raise ValueError(
+    raise UserError(
         f"this recipe needs a GPU (trainer.accelerator={name}) but no CUDA device is visible; "
         "on a CPU machine try `jpeglm fit --config recipes/jpeg_tiny.yaml`"
     )
@@ -93,11 +94,11 @@ def main(argv: list[str]) -> int:
         cli(None if argv == sys.argv[1:] else argv)  # None: Lightning reads sys.argv itself, without a warning
     except argparse.ArgumentError as e:
         return _error(e, command, f"{_short(str(e))} (`jpeglm {command} --help` lists the options)")
-    except USER_ERRORS as e:
-        if _raised_in_a_loop(e):  # in a training/validation step or a callback: a bug to debug, not a typo
-            raise
+    except (*USER_ERRORS, ValueError) as e:
         # jsonargparse wraps errors of link functions (the data's vocabulary size): report the data's own error
         cause = e.__cause__ if "compute_fn of link" in str(e) and e.__cause__ is not None else e
+        if not isinstance(cause, USER_ERRORS) or _raised_in_a_loop(e):  # a bug to debug, not a typo
+            raise
         return _error(e, command, str(cause))
     except (RuntimeError, MemoryError) as e:
         if not (isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)):

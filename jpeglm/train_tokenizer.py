@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from jpeglm.codecs import AvcCodec, JpegCodec
-from jpeglm.inputs import encode_sources, find_sources
+from jpeglm.inputs import encode_inputs, find_inputs
 from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, MODALITIES, CodecTokenizer
 
 CODEC_FOR_MODALITY = {"jpeg": JpegCodec, "avc": AvcCodec}
@@ -67,17 +67,17 @@ def train_tokenizer(
     """
     start = time.perf_counter()
     report = TrainReport()
-    found = find_sources(inputs, modality)
-    sources, report.ignored = found.sources, len(found.ignored)
-    if len(sources) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
-        chosen = set(random.Random(seed).sample(range(len(sources)), max_items))
-        sources = [s for i, s in enumerate(sources) if i in chosen]
+    found = find_inputs(inputs, modality)
+    items, report.ignored = found.items, len(found.ignored)
+    if len(items) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
+        chosen = set(random.Random(seed).sample(range(len(items)), max_items))
+        items = [s for i, s in enumerate(items) if i in chosen]
     if modality == "text" and codec_options:
         raise ValueError("text has no codec: codec options do not apply")
     codec = CODEC_FOR_MODALITY[modality](**(codec_options or {})) if modality != "text" else None
-    streams = _read_streams(codec, sources, modality, num_workers or os.cpu_count() or 1, report, progress)
+    streams = _read_streams(codec, items, modality, num_workers or os.cpu_count() or 1, report, progress)
     if not streams:
-        raise ValueError(f"none of the {len(sources)} inputs could be read; nothing to train on")
+        raise ValueError(f"none of the {len(items)} inputs could be read; nothing to train on")
     tokenizer = CodecTokenizer.train(
         streams, modality, vocab_size, codec.spec if codec else None, show_progress=progress
     )
@@ -87,14 +87,14 @@ def train_tokenizer(
     return tokenizer, report
 
 
-def _read_streams(codec, sources, modality, num_workers, report, progress) -> list[bytes]:
+def _read_streams(codec, items, modality, num_workers, report, progress) -> list[bytes]:
     streams: list[bytes] = []
-    results = encode_sources(codec, sources, num_workers if codec is not None else 1)
-    bar = tqdm(results, total=len(sources), desc=f"reading {modality}", unit="item", disable=not progress)
+    results = encode_inputs(codec, items, num_workers if codec is not None else 1)
+    bar = tqdm(results, total=len(items), desc=f"reading {modality}", unit="item", disable=not progress)
     for result in bar:
         if result.stream is None:
             report.skipped[result.reason] += 1
-            report.skipped_paths.append(f"{result.source.name}: {result.error}")
+            report.skipped_paths.append(f"{result.item.name}: {result.error}")
         else:
             streams.append(result.stream)
             report.items += 1

@@ -169,7 +169,7 @@ def test_fit_on_a_missing_or_empty_data_directory_is_one_line(tiny_data, tmp_pat
         line = error_line(capsys, "fit")
         assert str(tmp_path / name) in line
         assert message in line
-    sources = ["--data", "MixedDataModule", "--data.sources", f"[{tmp_path / 'missing'}]", "--data.weights", "[1]"]
+    sources = ["--data", "MixedDataModule", "--data.data_dirs", f"[{tmp_path / 'missing'}]", "--data.weights", "[1]"]
     assert main(["fit", "--config", str(config), *sources]) == 2
     assert "the directory does not exist" in error_line(capsys, "fit")
 

@@ -14,10 +14,12 @@ from litgpt import GPT, Config
 
 from jpeglm.checkpoints import load_model
 from jpeglm.cli import main
+from jpeglm.errors import UserError
 from jpeglm.export import export
 from jpeglm.model import CodecLM
-from jpeglm.sources import Source, to_records
 from jpeglm.tokenizer import CodecTokenizer
+from jpeglm.vocabulary import Modality as Source
+from jpeglm.vocabulary import to_records
 
 # n_query_groups < n_head: grouped-query attention, whose k/v split the conversion must get right.
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_query_groups": 2, "intermediate_size": 172}
@@ -32,7 +34,7 @@ def trained(jpeg_tokenizer) -> CodecLM:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # norms away from 1, so a swapped norm weight would show
-    model.sources = to_records([Source("jpeg", jpeg_tokenizer)])
+    model.vocabulary = to_records([Source("jpeg", jpeg_tokenizer)])
     return model.eval()
 
 
@@ -41,7 +43,7 @@ def save(model: CodecLM, path) -> None:
     checkpoint = {
         "state_dict": model.state_dict(),
         "hyper_parameters": dict(model.hparams),
-        "jpeglm_sources": model.sources,
+        "jpeglm_sources": model.vocabulary,
     }
     torch.save(checkpoint, path)
 
@@ -76,8 +78,8 @@ def test_hf_export_gives_codeclm_logits(trained, checkpoint, tmp_path):
     sources = json.loads((out / "jpeglm_sources.json").read_text())
     assert [(s["modality"], s["offset"]) for s in sources] == [("jpeg", 0)]
     tokenizer = CodecTokenizer.load(out)  # the tokenizer files are a jpeglm tokenizer directory
-    assert tokenizer.tokenizer.to_str() == trained.sources[0]["tokenizer"]
-    assert tokenizer.codec_spec == trained.sources[0]["codec_spec"]
+    assert tokenizer.tokenizer.to_str() == trained.vocabulary[0]["tokenizer"]
+    assert tokenizer.codec_spec == trained.vocabulary[0]["codec_spec"]
 
 
 def test_litgpt_export_loads_strictly_and_gives_codeclm_logits(trained, checkpoint, tmp_path):
@@ -95,11 +97,11 @@ def test_litgpt_export_loads_strictly_and_gives_codeclm_logits(trained, checkpoi
 
 def test_several_sources_get_a_directory_each(trained, jpeg_tokenizer, tmp_path):
     text = CodecTokenizer(jpeg_tokenizer.tokenizer, "text", None)  # any second tokenizer will do
-    trained.sources = to_records([Source("jpeg", jpeg_tokenizer), Source("text", text, offset=320)])
+    trained.vocabulary = to_records([Source("jpeg", jpeg_tokenizer), Source("text", text, offset=320)])
     try:
         save(trained, tmp_path / "mixed.ckpt")
     finally:
-        trained.sources = to_records([Source("jpeg", jpeg_tokenizer)])
+        trained.vocabulary = to_records([Source("jpeg", jpeg_tokenizer)])
     out = export(tmp_path / "mixed.ckpt", tmp_path / "lit", "litgpt")
     sources = json.loads((out / "jpeglm_sources.json").read_text())
     assert [(s["modality"], s["offset"], s["tokenizer_dir"]) for s in sources] == [
@@ -117,7 +119,7 @@ def test_sharded_checkpoint_exports_like_a_single_file(trained, checkpoint, tmp_
 
     sharded = tmp_path / "last.ckpt"
     dcp.save({"state_dict": trained.state_dict()}, checkpoint_id=sharded, no_dist=True)
-    torch.save({"hyper_parameters": dict(trained.hparams), "jpeglm_sources": trained.sources}, sharded / "meta.pt")
+    torch.save({"hyper_parameters": dict(trained.hparams), "jpeglm_sources": trained.vocabulary}, sharded / "meta.pt")
     export(sharded, tmp_path / "from_shards", "litgpt")
     export(checkpoint, tmp_path / "from_file", "litgpt")
     a = torch.load(tmp_path / "from_shards" / "lit_model.pth", weights_only=True)
@@ -133,7 +135,7 @@ from jpeglm.model import CodecLM
 
 L.seed_everything(0)
 model = CodecLM(model_overrides=%r, vocab_size=328, seq_len=64, warmup_steps=1)
-model.sources = [{"modality": "jpeg", "offset": 0, "tokenizer": open(sys.argv[2]).read(), "codec_spec": None}]
+model.vocabulary = [{"modality": "jpeg", "offset": 0, "tokenizer": open(sys.argv[2]).read(), "codec_spec": None}]
 data = [{"input_ids": torch.randint(0, 328, (65,))} for _ in range(8)]
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
@@ -175,7 +177,7 @@ def test_fsdp2_sharded_checkpoint_exports_to_hf(jpeg_tokenizer, tmp_path):
 def test_existing_output_is_refused(checkpoint, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         export(checkpoint, tmp_path / "out", "hf")
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
     assert "jpeglm export: error:" in capsys.readouterr().err

@@ -66,7 +66,13 @@ class FixedBlocks(L.LightningDataModule):
     def __init__(self, blocks: torch.Tensor) -> None:
         super().__init__()
         self.blocks = blocks
-        self.token_byte_lengths = [0] * 8 + [1] * 32
+        self.byte_lengths = [0] * 8 + [1] * 32
+
+    def modalities(self) -> list:
+        return []
+
+    def token_byte_lengths(self) -> list[int]:
+        return self.byte_lengths
 
     def train_dataloader(self):
         data = [{"input_ids": b, "modality": torch.tensor(3 + i % 2)} for i, b in enumerate(self.blocks)]
@@ -185,7 +191,7 @@ def test_validation_logs_every_modality_of_the_data_on_every_rank(tmp_path):
     # all-reduces (or hang). So each rank logs every modality of the data, weighted by its sequence count.
     blocks = torch.randint(8, 40, (8, 33), generator=torch.Generator().manual_seed(0))
     model = CodecLM(model_overrides=TINY, vocab_size=40, seq_len=32)
-    model.sources = [{"modality": "jpeg"}, {"modality": "avc"}]  # what setup() reads from a MixedDataModule
+    model.vocabulary = [{"modality": "jpeg"}, {"modality": "avc"}]  # what setup() reads from a MixedDataModule
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, FixedBlocks(blocks))  # half images, half videos
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}

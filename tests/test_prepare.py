@@ -18,7 +18,8 @@ from PIL import Image
 from jpeglm.cli import main
 from jpeglm.codecs import JpegCodec
 from jpeglm.inputs import InputError
-from jpeglm.prepare import prepare, read_dataset
+from jpeglm.prepare import prepare
+from jpeglm.shards import read_dataset
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES
 
 

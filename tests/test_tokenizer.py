@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+from jpeglm.errors import UserError
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, SPECIAL_TOKENS, CodecTokenizer
 
 RST = re.compile(rb"\xff[\xd0-\xd7]")
@@ -137,7 +138,7 @@ def test_save_load_round_trip(jpeg_tokenizer, jpeg_streams, tmp_path):
 
 
 def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a jpeglm tokenizer directory"):
+    with pytest.raises(UserError, match="not a jpeglm tokenizer directory"):
         CodecTokenizer.load(tmp_path)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from jpeglm.codecs import JpegCodec
 from jpeglm.data_modules import CodecDataModule
-from jpeglm.prepare import read_dataset
+from jpeglm.shards import read_dataset
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES
 
 

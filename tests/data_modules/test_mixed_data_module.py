@@ -1,6 +1,9 @@
+
 """MixedDataModule: disjoint id blocks per source, decoding back, mixing proportions, epochs of fixed length."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import torch
 from litdata import StreamingDataLoader
 
 from jpeglm.data_modules import MixedDataModule
-from jpeglm.prepare import read_dataset
+from jpeglm.shards import read_dataset
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL
 
 
@@ -21,7 +24,7 @@ def two_sources(token_dataset):
 
 def test_ids_of_each_source_move_into_their_own_block(two_sources):
     module = MixedDataModule(list(two_sources), [0.5, 0.5], seq_len=63, batch_size=8)
-    jpeg, text = module.sources_info
+    jpeg, text = module.members
     assert module.offsets == [0, 320]
     assert module.vocab_size == 8 + 320 + 292
     assert jpeg.id_range == (8, 328)
@@ -32,31 +35,31 @@ def test_ids_of_each_source_move_into_their_own_block(two_sources):
             source = jpeg if modality == MODALITIES["jpeg"] else text
             start, stop = source.id_range
             assert np.all((ids < NUM_SPECIAL) | ((ids >= start) & (ids < stop)))
-            assert module.source_of(ids) is source
+            assert module.member_of(ids) is source
             seen.add(modality)
     assert seen == {MODALITIES["jpeg"], MODALITIES["text"]}
 
 
 def test_unshift_gives_back_the_source_ids(two_sources):
     module = MixedDataModule(list(two_sources), [0.5, 0.5], seq_len=63, batch_size=1)
-    text = module.sources_info[1]
+    text = module.members[1]
     sample = next(read_dataset(two_sources[1]).samples("train")).astype(np.int64)  # bos, tag, ids, eos
     shifted = np.where(sample >= NUM_SPECIAL, sample + text.offset, sample)
     assert np.array_equal(text.unshift(shifted), sample)
     assert shifted[0] == BOS_ID
     assert shifted[-1] == EOS_ID
     assert shifted[1] == MODALITIES["text"]
-    assert module.source_of(shifted) is text
+    assert module.member_of(shifted) is text
 
 
 def test_decode_real_prepared_sources(photo_dataset, tmp_path):
     """A mixture of a real JPEG dataset with itself: blocks decode back through their own tokenizer and codec."""
     module = MixedDataModule([str(photo_dataset)] * 2, [0.5, 0.5], seq_len=63, batch_size=2)
-    first, second = module.sources_info
+    first, second = module.members
     sample = next(read_dataset(photo_dataset).samples("train")).astype(np.int64)
     moved = np.where(sample >= NUM_SPECIAL, sample + second.offset, sample)
-    assert module.source_of(moved) is second
-    assert module.source_of(sample) is first
+    assert module.member_of(moved) is second
+    assert module.member_of(sample) is first
     image = second.codec.decode(second.decode(moved))
     assert image.complete
     assert image.image.size == (64, 64)
@@ -99,7 +102,7 @@ def test_epoch_length_is_never_more_than_litdata_delivers(token_dataset, sizes, 
 
 
 def test_bad_arguments(two_sources):
-    with pytest.raises(ValueError, match="one weight per source"):
+    with pytest.raises(ValueError, match="one weight per directory"):
         MixedDataModule(list(two_sources), [1.0], seq_len=8, batch_size=1)
     with pytest.raises(ValueError, match="at least one"):
         MixedDataModule([], [], seq_len=8, batch_size=1)
@@ -107,3 +110,11 @@ def test_bad_arguments(two_sources):
         MixedDataModule(list(two_sources), [0, 0], seq_len=8, batch_size=1)
     with pytest.raises(ValueError, match="too large"):
         MixedDataModule(list(two_sources), [1, 1], seq_len=100_000, batch_size=1).setup("fit")
+    with pytest.raises(ValueError, match="data_dirs only"):
+        MixedDataModule(list(two_sources), [1, 1], 8, 1, sources=list(two_sources))
+
+
+def test_sources_is_a_deprecated_name_of_data_dirs(two_sources):
+    with pytest.deprecated_call(match="call it data_dirs"):
+        module = MixedDataModule(sources=list(two_sources), weights=[1, 1], seq_len=63, batch_size=1)
+    assert module.data_dirs == [Path(p) for p in two_sources]
