@@ -25,7 +25,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from jpeglm.codecs.base import CodecError, DecodedVideo, check_spec, describe, sha256
+from jpeglm.codecs.base import PREVIEW_GAP, CodecError, DecodedVideo, check_spec, describe, sha256
 
 # Annex-B start code; a 4-byte code's leading zero belongs to it (the cut goes before it).
 _START_CODE = re.compile(rb"\x00\x00\x00?\x01")
@@ -69,9 +69,12 @@ class AvcCodec:
         seconds: Length of a clip; only the first ``seconds`` of a video are encoded.
         qp: Constant quantiser of x264 (1-51; higher is smaller and blurrier).
         max_pixels: Largest input frame (width x height) accepted; larger ones are refused before decoding.
+
+    Implements :class:`~jpeglm.codecs.Codec` (a ``Codec[DecodedVideo]``).
     """
 
     name = "avc"
+    file_suffix = ".mp4"
 
     def __init__(
         self,
@@ -124,11 +127,28 @@ class AvcCodec:
             CodecError: If the input is not a readable video, holds no decodable frame, has frames of
                 the wrong shape or type, or frames larger than ``max_pixels``.
         """
+        return self._encode_frames(self._read(video))
+
+    def reference(self, video: Any) -> np.ndarray:
+        """The clip as :meth:`encode` hands it to x264: resampled to ``fps``, scaled, padded, yuv420p.
+
+        Args:
+            video: What :meth:`encode` takes.
+
+        Returns:
+            ``(T, height, width, 3)`` uint8 RGB, ``T`` the frames the clip has, at most :attr:`frames_per_clip`
+            (a short clip is not padded to full length).
+
+        Raises:
+            CodecError: As :meth:`encode`.
+        """
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in self._read(video)])
+
+    def _read(self, video: Any) -> list[av.VideoFrame]:
+        """The yuv420p frames of the clip at the codec's size and rate, ready for x264."""
         if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-            frames = self._read_file(video)
-        else:
-            frames = self._read_frames(video)
-        return self._encode_frames(frames)
+            return self._read_file(video)
+        return self._read_frames(video)
 
     def _read_file(self, source: str | os.PathLike | bytes | bytearray | memoryview) -> list[av.VideoFrame]:
         """The first ``frames_per_clip`` frames of a file's first video stream, at ``fps`` and codec size."""
@@ -346,28 +366,44 @@ class AvcCodec:
 
     # ------------------------------------------------------------------ prompts and files
 
-    def prompt(self, stream: bytes, frames: int) -> bytes:
-        """The first ``frames`` whole frames of a stream, to be completed by a model.
+    def prompt(self, stream: bytes, ratio: float | None = None, *, frames: int | None = None) -> bytes:
+        """The first whole frames of a stream, to be completed by a model: give ``ratio`` or ``frames``.
 
         The cut is at the start code that opens frame ``frames + 1`` (its first NAL unit: SEI, SPS, PPS or
         AUD just before its first slice belong to it), so the prompt is an exact prefix of the stream.
 
         Args:
             stream: A full Annex-B stream, e.g. from :meth:`encode`.
-            frames: Number of frames to keep, ``1 <= frames < frames in the stream``.
+            ratio: Share of a full clip to keep, inside (0, 1): ``max(1, int(ratio * frames_per_clip))``
+                frames, rounded down to whole frames but at least one (the paper's prompt, as
+                ``JpegCodec.prompt``'s ``ratio``).
+            frames: Number of frames to keep, ``1 <= frames < frames in the stream`` (the precise form).
 
         Returns:
-            The stream's prefix up to (not including) the start code of frame ``frames + 1``.
+            The stream's prefix up to (not including) the start code of the first frame not kept.
 
         Raises:
-            ValueError: If ``frames`` is out of range for this stream.
+            ValueError: If both or neither of ``ratio`` and ``frames`` are given, ``ratio`` is not inside
+                (0, 1), or the number of frames is out of range for this stream.
         """
+        keep = self._prompt_frames(ratio, frames)
         starts = _frame_starts(_nal_units(bytes(stream)))
-        if not 1 <= frames < len(starts):
+        if not 1 <= keep < len(starts):
             raise ValueError(
-                f"a prompt keeps 1 to {len(starts) - 1} frames of this {len(starts)}-frame stream, got frames={frames}"
+                f"a prompt keeps 1 to {len(starts) - 1} frames of this {len(starts)}-frame stream, got frames={keep}"
             )
-        return bytes(stream[: starts[frames]])
+        return bytes(stream[: starts[keep]])
+
+    def _prompt_frames(self, ratio: float | None, frames: int | None) -> int:
+        """The frames a prompt keeps: ``frames``, or ``max(1, int(ratio * frames_per_clip))``."""
+        if frames is not None and ratio is None:
+            return frames
+        if ratio is None or frames is not None:
+            raise ValueError(f"give a prompt exactly one of ratio and frames, got ratio={ratio} frames={frames}")
+        if not 0 < ratio < 1:
+            hint = f"; to keep {ratio} frames pass frames={ratio}" if isinstance(ratio, int) and ratio >= 1 else ""
+            raise ValueError(f"prompt ratio must be inside (0, 1), got {ratio}{hint}")
+        return max(1, int(ratio * self.frames_per_clip))
 
     def stream_end(self, stream: bytes) -> int | None:
         """Length of the first whole clip at the start of ``stream``, or None while it may still grow.
@@ -404,6 +440,44 @@ class AvcCodec:
         except _DECODE_ERRORS as error:
             raise CodecError(f"{describe(stream)}: cannot mux into MP4 ({error})") from error
         return output.getvalue()
+
+    def to_file(self, stream: bytes, decoded: DecodedVideo | None = None) -> bytes:
+        """A playable MP4 of any stream; never fails on model output.
+
+        Args:
+            stream: A stream from :meth:`encode` or what a model wrote.
+            decoded: ``self.decode(stream)`` when the caller already has it (it is not decoded again).
+
+        Returns:
+            ``to_mp4(stream)`` (the model's own bytes, not re-encoded) when the stream decodes complete;
+            otherwise the best-effort decode (grey where the stream broke) encoded again by this codec,
+            ``to_mp4(encode(list(decoded.frames)))``.
+        """
+        decoded = self.decode(stream) if decoded is None else decoded
+        if decoded.complete:
+            return self.to_mp4(stream)
+        return self.to_mp4(self.encode(list(decoded.frames)))
+
+    def preview(self, decoded: DecodedVideo, max_frames: int = 8) -> np.ndarray:
+        """The clip as one picture: at most ``max_frames`` evenly stepped frames side by side.
+
+        Args:
+            decoded: A result of :meth:`decode`.
+            max_frames: Most frames shown; every ``ceil(T / max_frames)``-th frame is, starting with the first.
+
+        Returns:
+            ``(H, n * W + (n - 1) * 4, 3)`` uint8 for ``n`` frames shown, 4-pixel white gaps between them.
+
+        Raises:
+            ValueError: If ``max_frames < 1``.
+        """
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        frames = decoded.frames  # (T, H, W, 3)
+        step = max(1, -(-len(frames) // max_frames))
+        gap = np.full((frames.shape[1], PREVIEW_GAP, 3), 255, np.uint8)
+        parts = [part for frame in frames[::step] for part in (gap, frame)][1:]
+        return np.concatenate(parts, axis=1)
 
     # ------------------------------------------------------------------ spec
 

@@ -1,18 +1,24 @@
-"""What every codec shares: the error type, decode results and spec checking.
+"""What every codec shares: the :class:`Codec` protocol, the error type, decode results and spec checking.
 
 A codec turns media into a canonical byte stream and back. Encoding refuses bad input with a
 :class:`CodecError` that names the source; decoding never raises on any byte string (model output
-is often broken) and reports how much of the stream it could use instead.
+is often broken) and reports how much of the stream it could use instead. :class:`Codec` is what
+every codec offers, so code outside ``jpeglm.codecs`` never needs to ask which codec it holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
+
+# typing_extensions (a dependency of torch and lightning): its runtime_checkable isinstance() looks members
+# up statically on every Python, as typing does from 3.12 on; typing's on 3.10/3.11 would evaluate
+# ``AvcCodec.spec``, which runs x264.
+from typing_extensions import Protocol, Self, runtime_checkable
 
 
 class CodecError(ValueError):
@@ -58,6 +64,167 @@ class DecodedVideo:
     frames: np.ndarray
     complete: bool
     fraction: float
+
+
+@runtime_checkable
+class Decoded(Protocol):
+    """What every codec's decode result tells (:class:`DecodedImage`, :class:`DecodedVideo`).
+
+    Attributes:
+        complete: True only for a full, valid stream that the codec decodes without any repair.
+        fraction: share of the media (MCUs of an image, slices of a clip) that the stream holds well-formed,
+            0.0 to 1.0.
+    """
+
+    # Read-only properties rather than plain attributes, so the frozen dataclasses match for type checkers too.
+    @property
+    def complete(self) -> bool: ...
+
+    @property
+    def fraction(self) -> float: ...
+
+
+DecodedT = TypeVar("DecodedT", bound=Decoded)
+
+
+@runtime_checkable
+class Codec(Protocol[DecodedT]):
+    """What every codec offers: :class:`~jpeglm.codecs.JpegCodec` (images), :class:`~jpeglm.codecs.AvcCodec` (video).
+
+    Code outside ``jpeglm.codecs`` uses only these members and never branches on :attr:`name`. The type
+    parameter is the codec's decode result (``JpegCodec`` is a ``Codec[DecodedImage]``, ``AvcCodec`` a
+    ``Codec[DecodedVideo]``); a plain ``Codec`` is any codec. ``isinstance(obj, Codec)`` checks that the
+    members exist.
+
+    Errors a caller can cause (bad arguments, unreadable media, a spec this installation cannot honour)
+    are :class:`ValueError` (most often its subclass :class:`CodecError`); :meth:`decode` never raises.
+    """
+
+    name: str
+    """The codec's name, stored in its spec: ``"jpeg"`` or ``"avc"``."""
+
+    file_suffix: str
+    """Suffix of the files :meth:`to_file` writes: ``".jpg"`` or ``".mp4"``."""
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description of the codec (settings, library versions, checksums); see :meth:`from_spec`.
+
+        Returns:
+            A dict whose ``"codec"`` entry is :attr:`name`.
+        """
+        ...
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Self:
+        """Rebuild the codec a spec describes.
+
+        Args:
+            spec: a dict from :attr:`spec`, e.g. stored with a checkpoint or a prepared data set.
+
+        Returns:
+            The codec, which encodes exactly as the one that wrote the spec.
+
+        Raises:
+            CodecError: ``spec`` is not this codec's, or this installation would encode differently.
+        """
+        ...
+
+    def encode(self, media: Any) -> bytes:
+        """Turn media (an image, a video or a clip of frames: a path, file bytes, PIL images or arrays) into a stream.
+
+        Args:
+            media: what the codec reads; see the codec's own ``encode``.
+
+        Returns:
+            The canonical byte stream a model learns to write.
+
+        Raises:
+            CodecError: the input is unreadable, corrupt, of the wrong kind or too large; the message names it.
+        """
+        ...
+
+    def decode(self, stream: bytes) -> DecodedT:
+        """Best-effort decode of any byte string; never raises.
+
+        Args:
+            stream: a stream from :meth:`encode` or what a model wrote (possibly truncated or garbled).
+
+        Returns:
+            The media at the codec's size (grey where the stream does not reach), with ``complete`` and ``fraction``.
+        """
+        ...
+
+    def stream_end(self, stream: bytes) -> int | None:
+        """Length of the first whole image or clip at the start of a growing stream.
+
+        Args:
+            stream: the bytes written so far.
+
+        Returns:
+            The offset where the first whole image or clip ends, or None while it may still grow.
+        """
+        ...
+
+    def prompt(self, stream: bytes, ratio: float) -> bytes:
+        """The paper's partial-media prompt: an exact prefix of ``stream`` holding a share of it.
+
+        Args:
+            stream: a full stream, e.g. from :meth:`encode`.
+            ratio: share kept, inside (0, 1): of an image's restart intervals, of a clip's frames.
+
+        Returns:
+            The prefix, cut where the codec's tokenizer keeps it an exact prefix of the full stream's tokens.
+
+        Raises:
+            ValueError: ``ratio`` is outside (0, 1) or keeps nothing (JPEG), or the stream is too short to cut there.
+        """
+        ...
+
+    def to_file(self, stream: bytes, decoded: DecodedT | None = None) -> bytes:
+        """A standalone file (:attr:`file_suffix`) that any viewer opens, for any stream; never fails on model output.
+
+        When ``stream`` decodes complete this is the stream itself made standalone (``JpegCodec.to_jpeg``,
+        ``AvcCodec.to_mp4``); otherwise it is the best-effort decode, encoded again as an ordinary file.
+
+        Args:
+            stream: a stream from :meth:`encode` or what a model wrote.
+            decoded: ``self.decode(stream)`` when the caller already has it, so it is not decoded twice.
+
+        Returns:
+            The file's bytes.
+        """
+        ...
+
+    def preview(self, decoded: DecodedT, max_frames: int = 8) -> np.ndarray:
+        """A picture of a decode result for contact sheets and logs.
+
+        Args:
+            decoded: a result of :meth:`decode`.
+            max_frames: most frames a video's strip shows (evenly stepped); images ignore it.
+
+        Returns:
+            ``(H, W, 3)`` uint8: the image, or a video's frames side by side with 4-pixel white gaps.
+        """
+        ...
+
+    def reference(self, media: Any) -> np.ndarray:
+        """The media as the codec crops, resizes and resamples it before compression (what a stream is compared to).
+
+        Args:
+            media: what :meth:`encode` takes.
+
+        Returns:
+            ``(H, W, 3)`` uint8 for an image, ``(T, H, W, 3)`` uint8 for a video.
+
+        Raises:
+            CodecError: as :meth:`encode`.
+        """
+        ...
+
+
+PREVIEW_GAP = 4
+"""White pixels between the frames of a video preview."""
 
 
 def sha256(data: bytes) -> str:

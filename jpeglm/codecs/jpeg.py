@@ -47,6 +47,8 @@ ImageSource = Image.Image | np.ndarray | bytes | bytearray | memoryview | str | 
 class JpegCodec:
     """Encode images as the paper's abbreviated JPEG streams, decode any byte string back.
 
+    Implements :class:`~jpeglm.codecs.Codec` (a ``Codec[DecodedImage]``).
+
     Args:
         size: side of the square output image in pixels (the paper: 256).
         quality: libjpeg quality, 1-95 (the paper: 25).
@@ -59,6 +61,7 @@ class JpegCodec:
     """
 
     name = "jpeg"
+    file_suffix = ".jpg"
 
     def __init__(
         self,
@@ -130,6 +133,14 @@ class JpegCodec:
             raise CodecError(f"{name}: cannot read image ({type(e).__name__}: {e})", reason) from e
         im.info = {}  # no metadata (ICC, EXIF, DPI) may reach the stream
         return im
+
+    def reference(self, image: ImageSource) -> np.ndarray:
+        """The image as :meth:`encode` compresses it: :meth:`prepare` as a ``(size, size, 3)`` uint8 array.
+
+        Raises:
+            CodecError: as :meth:`encode`.
+        """
+        return np.array(self.prepare(image).convert("RGB"))  # (size, size, 3)
 
     def _open(self, image: ImageSource, name: str) -> Image.Image:
         if isinstance(image, Image.Image):
@@ -276,6 +287,29 @@ class JpegCodec:
                 raise ValueError(f"stream holds fewer than {k} FFD7 restart markers; cannot cut at ratio {ratio}")
             pos += 2
         return stream[:pos]
+
+    def to_file(self, stream: bytes, decoded: DecodedImage | None = None) -> bytes:
+        """A standalone JPEG file of any stream, which every viewer opens; never fails on model output.
+
+        Args:
+            stream: a stream from :meth:`encode` or what a model wrote.
+            decoded: ``self.decode(stream)`` when the caller already has it (it is not decoded again).
+
+        Returns:
+            ``to_jpeg(stream)`` (the model's own bytes with the tables put back) when the stream decodes
+            complete; otherwise the best-effort decode (grey where the stream broke) saved by Pillow as a
+            JPEG of quality 95.
+        """
+        decoded = self.decode(stream) if decoded is None else decoded
+        if decoded.complete:
+            return self.to_jpeg(stream)
+        buffer = io.BytesIO()
+        decoded.image.save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    def preview(self, decoded: DecodedImage, max_frames: int = 8) -> np.ndarray:
+        """The decoded image as a ``(size, size, 3)`` uint8 array (``max_frames`` is for videos; ignored)."""
+        return np.array(decoded.image.convert("RGB"))
 
     def stream_end(self, stream: bytes) -> int | None:
         """Length of the first whole image at the start of ``stream``, or None while its scan has not ended.

@@ -211,7 +211,7 @@ def test_huge_stream_header_is_not_decoded(codec: AvcCodec):
 
 @pytest.mark.parametrize("frames", [1, 4, 14])
 def test_prompt_holds_the_first_frames(codec: AvcCodec, stream: bytes, decoded, frames: int):
-    prompt = codec.prompt(stream, frames)
+    prompt = codec.prompt(stream, frames=frames)
     assert stream.startswith(prompt)
     rest = stream[len(prompt) :]
     assert START_CODE.match(rest) is not None  # the cut is at a start code...
@@ -228,13 +228,13 @@ def test_prompt_holds_the_first_frames(codec: AvcCodec, stream: bytes, decoded, 
 @pytest.mark.parametrize("frames", [0, -1, 15, 16])
 def test_prompt_out_of_range(codec: AvcCodec, stream: bytes, frames: int):
     with pytest.raises(ValueError, match="frames"):
-        codec.prompt(stream, frames)
+        codec.prompt(stream, frames=frames)
 
 
 def test_prompt_of_a_prompt(codec: AvcCodec, stream: bytes):
-    assert codec.prompt(codec.prompt(stream, 5), 2) == codec.prompt(stream, 2)
+    assert codec.prompt(codec.prompt(stream, frames=5), frames=2) == codec.prompt(stream, frames=2)
     with pytest.raises(ValueError, match="frames"):
-        codec.prompt(b"garbage", 1)
+        codec.prompt(b"garbage", frames=1)
 
 
 def test_to_mp4_plays(codec: AvcCodec, stream: bytes, decoded):

@@ -65,10 +65,11 @@ def six_frames() -> bytes:
 def test_avc_ends_where_the_next_frame_starts(six_frames):
     codec = small_avc(2)  # 4-frame clips
     end = codec.stream_end(six_frames)
-    assert end == len(codec.prompt(six_frames, 4))
+    assert end == len(codec.prompt(six_frames, frames=4))
     assert six_frames[end:].startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01"))  # a start code
     assert small_avc(3).stream_end(six_frames) is None  # the whole clip, but nothing after it
-    assert AvcCodec(width=64, height=48, fps=1, seconds=5).stream_end(six_frames) == len(codec.prompt(six_frames, 5))
+    five_seconds = AvcCodec(width=64, height=48, fps=1, seconds=5)
+    assert five_seconds.stream_end(six_frames) == len(codec.prompt(six_frames, frames=5))
 
 
 def test_avc_end_is_known_once_the_next_frame_has_a_slice_header(six_frames):
