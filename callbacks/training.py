@@ -15,6 +15,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from jpeglm._compat import first_loop_iter, set_first_loop_iter
+
 
 def _batch_size(batch: dict[str, Any]) -> int:
     return batch["input_ids"].size(0)
@@ -54,11 +56,11 @@ class InitialValidation(Callback):
         if trainer.global_step > 0 or batch_idx > 0 or trainer.limit_val_batches == 0:
             return
         epoch_loop = trainer.fit_loop.epoch_loop
-        first_loop_iter = trainer._logger_connector._first_loop_iter  # as Lightning's own in-loop validation does
+        first_iter = first_loop_iter(trainer)  # saved and restored as Lightning's own in-loop validation does
         trainer.validating = True
         epoch_loop.val_loop.run()
         trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
+        set_first_loop_iter(trainer, first_iter)
 
 
 class LogLines(Callback):
@@ -124,10 +126,10 @@ class SlurmRequeue(Callback):
 
     Submit with ``#SBATCH --signal=USR1@90`` (see recipes/slurm/). Lightning's own handler saves the
     checkpoint inside the signal handler, across ranks, which deadlocked 1 run in 3 here and crashed
-    ranks whose DataLoader workers got the signal too (SLURM_NOTES.md). This one only sets a flag; at the
-    next batch end all ranks agree on it, every rank saves the same ``hpc_ckpt_N.ckpt`` in
-    ``trainer.default_root_dir``, rank 0 runs ``scontrol requeue``, and training stops. When the job
-    restarts, Lightning resumes from the newest ``hpc_ckpt_N`` by itself.
+    ranks whose DataLoader workers got the signal too (docs/architecture.md, section "SLURM"). This one
+    only sets a flag; at the next batch end all ranks agree on it, every rank saves the same
+    ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir``, rank 0 runs ``scontrol requeue``, and training
+    stops. When the job restarts, Lightning resumes from the newest ``hpc_ckpt_N`` by itself.
 
     Installing the handler in ``setup`` keeps Lightning from installing its own (it only does so when no
     handler is set); use ``SLURMEnvironment(auto_requeue=False)`` in the trainer's plugins as well.

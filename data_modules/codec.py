@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from lightning import LightningDataModule
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
-from litdata.streaming import dataset as litdata_dataset
 
+from jpeglm._compat import ResumeAtWorkerCounts
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
@@ -34,8 +34,12 @@ from jpeglm.vocabulary import Modality
 __all__ = ["CodecDataModule", "PreparedDataModule", "ResumableLoader", "StreamingDataModule", "TokenBlocks"]
 
 
-class TokenBlocks(StreamingDataset):
+class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
     """One split of a prepared dataset as blocks of ``block_size`` ids: ``{"input_ids", "modality"}`` items.
+
+    A mixture (mixed.py) sets :attr:`samples_per_worker` from a loaded state, so each worker resumes at the
+    number of blocks it yielded (:class:`jpeglm._compat.ResumeAtWorkerCounts`; litdata's own split of one count
+    over the workers is wrong for a mixture).
 
     Args:
         input_dir: the split's directory (``index.json`` + ``chunk-*.bin``).
@@ -65,24 +69,6 @@ class TokenBlocks(StreamingDataset):
         self.modality_id = modality_id
         self.offset = offset
         self.samples_per_worker: dict[int, int] | None = None
-
-    def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
-        """Resume each worker at the number of blocks it yielded, when a mixture knows it (see mixed.py).
-
-        litdata stores one count per dataset and splits it over the workers as if every worker took whole
-        batches in turn; a worker of a ``CombinedStreamingDataset`` draws a varying share of each source, so
-        that split is wrong (blocks are skipped or repeated after a resume). The mixture stores each worker's
-        count per source; here it replaces the split for the length of litdata's own ``_resume``.
-        """
-        if self.samples_per_worker is None:
-            return super()._resume(workers_chunks, workers_intervals)
-        counts = {w: self.samples_per_worker.get(w, 0) for w in range(self.worker_env.world_size)}
-        replay = litdata_dataset._replay_sampling
-        litdata_dataset._replay_sampling = lambda *_: counts
-        try:
-            return super()._resume(workers_chunks, workers_intervals)
-        finally:
-            litdata_dataset._replay_sampling = replay
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         ids = super().__getitem__(index).astype(np.int64)  # (block_size,)

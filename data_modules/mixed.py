@@ -28,6 +28,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_deprecation
 from litdata import CombinedStreamingDataset
 
+from jpeglm._compat import combined_members, combined_weights, local_dir, samples_yielded, world_size
 from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
@@ -95,8 +96,8 @@ class MixedBlocks(CombinedStreamingDataset):
     """
 
     def __iter__(self) -> Any:
-        counts = self._num_samples_yielded  # {worker: [blocks per member]} of a loaded state, else None
-        for index, dataset in enumerate(self._datasets):
+        counts = samples_yielded(self)  # {worker: [blocks per member]} of a loaded state, else None
+        for index, dataset in enumerate(combined_members(self)):
             dataset.samples_per_worker = None if counts is None else {w: c[index] for w, c in counts.items()}
         return super().__iter__()
 
@@ -231,14 +232,13 @@ class MixedDataModule(StreamingDataModule):
         ``num_workers`` times that many batches ends on every rank at the same step, with full batches only.
         """
         workers = max(self.num_workers, 1)
-        world_size = dataset._datasets[0].distributed_env.world_size
+        ranks = world_size(combined_members(dataset)[0])
         shares = [
-            (count_blocks(Path(d.input_dir.path), self.seq_len + 1) // self.batch_size // world_size // workers)
-            * self.batch_size
-            for d in dataset._datasets
+            (count_blocks(local_dir(d), self.seq_len + 1) // self.batch_size // ranks // workers) * self.batch_size
+            for d in combined_members(dataset)
         ]
         rng, drawn = random.Random(self.seed), [0] * len(shares)
-        members, weights = list(range(len(shares))), dataset._weights
+        members, weights = list(range(len(shares))), combined_weights(dataset)
         while True:
             (member,) = rng.choices(members, weights=weights, k=1)  # as litdata's _CombinedDatasetIterator draws
             if drawn[member] == shares[member]:

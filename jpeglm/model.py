@@ -37,6 +37,7 @@ from litgpt.utils import estimate_flops
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from jpeglm._compat import checkpoint_wrapper
 from jpeglm.errors import UserError
 from jpeglm.tokenizer import MODALITIES
 from jpeglm.vocabulary import CHECKPOINT_KEY, DescribesVocabulary, records_in, to_records
@@ -289,8 +290,6 @@ def reset_parameters(model: nn.Module) -> None:
 
 def checkpoint_blocks(model: GPT) -> None:
     """Recompute each transformer block in the backward pass instead of storing its activations."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     for i, block in enumerate(model.transformer.h):
         model.transformer.h[i] = checkpoint_wrapper(block)
 
