@@ -8,7 +8,6 @@ memory, and ``jpeglm consolidate`` writes that dictionary to a single file that 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path} is a directory but not a sharded Lightning checkpoint (no meta.pt / *.distcp)")
         # Lightning's own reader for its sharded format (what its consolidate_checkpoint module runs); it
         # uses torch.distributed.checkpoint without starting a process group.
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from jpeglm._compat import load_distributed_checkpoint
 
-        checkpoint = _load_distributed_checkpoint(path)
+        checkpoint = load_distributed_checkpoint(path)
         return _unflatten_model_state(checkpoint)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
@@ -46,26 +45,28 @@ def _unflatten_model_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def consolidate(path: str | Path, output: str | Path) -> Path:
-    """Write a (sharded) checkpoint as a single file."""
+def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write a (sharded) checkpoint as a single file that ``torch.load`` and ``Trainer(ckpt_path=...)`` read.
+
+    Args:
+        checkpoint: a checkpoint: an FSDP2 sharded directory (or a single file).
+        output: the single checkpoint file to write (it must not exist).
+
+    Raises:
+        UserError: ``output`` exists, or ``checkpoint`` is neither a checkpoint file nor a sharded directory.
+    """
     output = Path(output)
     if output.exists():
         raise UserError(f"{output} exists; choose another --output")
-    checkpoint = load_checkpoint(path)
+    loaded = load_checkpoint(checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, output)
+    torch.save(loaded, output)
     return output
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint: an FSDP2 sharded directory (or a single file).")
-    parser.add_argument("--output", required=True, help="the single checkpoint file to write (must not exist).")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = consolidate(args.checkpoint, args.output)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+def consolidate_summary(output: Path) -> str:
+    """What `jpeglm consolidate` prints at the end: the file written and its size."""
+    return f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)"
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, list[Any]]:

@@ -16,11 +16,11 @@ never produced by the tokenizers, and keeping them keeps the weights bit-identic
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from litgpt import Config
@@ -31,7 +31,8 @@ from jpeglm.errors import UserError
 from jpeglm.tokenizer import CodecTokenizer
 from jpeglm.vocabulary import records_in
 
-FORMATS = ("hf", "litgpt")
+ExportFormat = Literal["hf", "litgpt"]
+FORMATS = typing.get_args(ExportFormat)
 # Wrappers that training may leave in parameter names (activation checkpointing, torch.compile).
 _WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 # litgpt Config fields that a Hugging Face Llama cannot express, with the value a Llama has.
@@ -55,18 +56,19 @@ _LLAMA_SHAPE = {
 }
 
 
-def export(checkpoint: str | Path, output: str | Path, format: str = "hf") -> Path:
+def export(checkpoint: str | Path, output: str | Path, format: ExportFormat = "hf") -> Path:
     """Write a CodecLM checkpoint (a single file or an FSDP2 sharded directory) as an export directory.
 
     Args:
-        checkpoint: a checkpoint written by ``jpeglm fit``.
-        output: the directory to create; it must not exist or be empty.
-        format: "hf" (Hugging Face Llama) or "litgpt".
+        checkpoint: a checkpoint written by `jpeglm fit`: a single file or an FSDP2 sharded directory.
+        output: the directory to write; it must not exist or be empty.
+        format: hf (a Hugging Face Llama: config.json, model.safetensors) or litgpt (lit_model.pth,
+            model_config.yaml).
 
     Raises:
-        FileExistsError: ``output`` exists and is not empty.
-        ValueError: an unknown format, a checkpoint without jpeglm's hyperparameters and tokenizers, or
-            (for "hf") a model shape that a Hugging Face Llama cannot represent.
+        UserError: an unknown format, an ``output`` that exists and is not empty, a checkpoint without
+            jpeglm's hyperparameters and tokenizers, or (for "hf") a model shape that a Hugging Face Llama
+            cannot represent.
     """
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of {FORMATS}")
@@ -179,15 +181,7 @@ def write_vocabulary(records: list[dict[str, Any]], output: Path) -> None:
     (output / "jpeglm_sources.json").write_text(json.dumps(listing, indent=2) + "\n")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a jpeglm checkpoint: a single file or an FSDP2 directory.")
-    parser.add_argument("--output", required=True, help="the directory to write (must not exist or be empty).")
-    parser.add_argument(
-        "--format", choices=FORMATS, default="hf", help="hf: a Hugging Face Llama; litgpt: a litgpt checkpoint."
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    out = export(args.checkpoint, args.output, args.format)
-    print(f"wrote {out} ({args.format})")
-    return 0
+def summary(output: Path) -> str:
+    """What `jpeglm export` prints at the end: where the export is and what it holds."""
+    kind = "Hugging Face Llama" if (output / "config.json").is_file() else "litgpt checkpoint"
+    return f"wrote {output} ({kind}: {', '.join(sorted(p.name for p in output.iterdir()))})"

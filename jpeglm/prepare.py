@@ -18,7 +18,6 @@ seeded shuffled order, so every chunk holds a mix of the dataset rather than one
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -29,7 +28,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from jpeglm.errors import UserError
 from jpeglm.inputs import Encoded, InputError, InputItem, encode_input, find_inputs
 from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
 from jpeglm.tokenizer import MODALITIES, CodecTokenizer
-from jpeglm.train_tokenizer import add_codec_argument, train_tokenizer
+from jpeglm.train_tokenizer import ModalityName, make_codec, train_tokenizer
 
 __all__ = ["PreparedDataset", "prepare", "read_dataset", "summary"]
 _BATCH = 16  # inputs per worker task: tokenized together in one Rust call
@@ -76,8 +76,8 @@ class _Job:
 
 
 def prepare(
-    modality: str,
-    inputs: Sequence[str | Path],
+    modality: ModalityName,
+    inputs: list[str | Path],
     output: str | Path,
     tokenizer: str | Path | None = None,
     val_fraction: float = 0.01,
@@ -87,55 +87,36 @@ def prepare(
     part_size: int = 1024,
     chunk_bytes: int = 64 * 2**20,
     progress: bool = True,
-    codec_options: dict[str, Any] | None = None,
+    codec_options: dict | None = None,
 ) -> dict[str, Any]:
     """Prepare inputs into token shards in ``output`` (see the module docstring); returns the report.
 
     Args:
-        modality: "jpeg", "avc" or "text".
-        inputs: directories, globs, files, list files, tar shards (see jpeglm/inputs.py).
-        output: the dataset directory to write (or to finish, after an interrupted run).
-        tokenizer: a CodecTokenizer directory; None trains one on a sample of the inputs first.
-        val_fraction: share of inputs in the validation split, decided by a hash of each input's key.
-        num_workers: processes that encode and tokenize (default: all cores).
-        max_items: use only the first N inputs (in the order they are found).
+        modality: what the inputs are: images (jpeg), videos (avc) or text.
+        inputs: directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards;
+            for text: .txt files and .jsonl files (a "text" field per line).
+        output: the dataset directory to write (run the same command again to finish a killed job).
+        tokenizer: a tokenizer directory (`jpeglm tokenizer train`); none: one is trained on a sample of the
+            inputs first.
+        val_fraction: share of inputs in the validation split, decided by a hash of each input's path.
+        num_workers: processes that encode and tokenize (none: all cores).
+        max_items: use only the first N inputs found (none: all).
         seed: seed of the order in which inputs are written.
         part_size: inputs per part, the unit of work a killed job redoes.
-        chunk_bytes: size of each litdata chunk file.
+        chunk_bytes: size of each litdata chunk file, in bytes.
         progress: show progress bars.
-        codec_options: codec settings for the tokenizer trained here (without ``tokenizer``), e.g.
-            ``{"size": 64}``; with a tokenizer, its codec spec decides.
+        codec_options: codec settings other than the paper's for the tokenizer trained here, e.g. {"size": 64}
+            (`--codec size=64`, repeatable); with a tokenizer, its codec spec decides.
 
     Raises:
-        InputError: missing inputs, nothing to read, or an output directory that holds something else.
+        UserError: bad arguments, missing inputs, nothing to read, an output directory that holds something
+            else, or no input could be written (InputError is a UserError).
         CodecError: a tokenizer whose codec this installation cannot honour.
-        ValueError: bad arguments, or no input could be written.
     """
     start = time.perf_counter()
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
-    given = CodecTokenizer.load(tokenizer) if tokenizer else None
-    if given is not None and given.modality != modality:
-        raise ValueError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
-    if given is not None and codec_options:
-        raise ValueError("codec options apply only when no --tokenizer is given (its codec spec decides)")
-    found = find_inputs(inputs, modality)
-    items = found.items[:max_items] if max_items else found.items
-    random.Random(seed).shuffle(items)
-    output = Path(output)
-    settings = {
-        "modality": modality,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "part_size": part_size,
-        "chunk_bytes": chunk_bytes,
-        "tokenizer": given.tokenizer.to_str() if given else "trained here",
-        "codec_options": codec_options or {},
-    }
-    job = _Job(
-        modality, items, found.ignored, output, val_fraction, part_size, chunk_bytes, _fingerprint(settings, items)
+    given = _check_arguments(modality, tokenizer, val_fraction, codec_options)
+    job = _make_job(
+        modality, inputs, output, given, val_fraction, max_items, seed, part_size, chunk_bytes, codec_options
     )
     with _locked(job):
         if (done := _already_done(job)) is not None:
@@ -145,6 +126,44 @@ def prepare(
         counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
         report = _finish(job, tok, codec, counts, time.perf_counter() - start)
     return report
+
+
+def _check_arguments(
+    modality: str, tokenizer: str | Path | None, val_fraction: float, codec_options: dict | None
+) -> CodecTokenizer | None:
+    """Refuse arguments that cannot go together; returns the given tokenizer, loaded."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if modality not in MODALITIES:
+        raise UserError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    given = CodecTokenizer.load(tokenizer) if tokenizer else None
+    if given is not None and given.modality != modality:
+        raise UserError(f"tokenizer {tokenizer} is for {given.modality!r}, not {modality!r}")
+    if given is not None and codec_options:
+        raise UserError("codec options apply only when no --tokenizer is given (its codec spec decides)")
+    if given is None:
+        make_codec(modality, codec_options)  # options the codec refuses fail now, not after finding the inputs
+    return given
+
+
+def _make_job(
+    modality, inputs, output, given, val_fraction, max_items, seed, part_size, chunk_bytes, codec_options
+) -> _Job:
+    """Find the inputs, put them in their seeded order and fingerprint the job (what a re-run must match)."""
+    found = find_inputs(inputs, modality)
+    items = found.items[:max_items] if max_items else found.items
+    random.Random(seed).shuffle(items)
+    settings = {
+        "modality": modality,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "part_size": part_size,
+        "chunk_bytes": chunk_bytes,
+        "tokenizer": given.tokenizer.to_str() if given else "trained here",
+        "codec_options": codec_options or {},
+    }
+    fingerprint = _fingerprint(settings, items)
+    return _Job(modality, items, found.ignored, Path(output), val_fraction, part_size, chunk_bytes, fingerprint)
 
 
 def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:
@@ -366,7 +385,7 @@ def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds
             _merge_split(parts, job.output / split)
     written = sum(v["items"] for v in splits.values())
     if not written:
-        raise ValueError(f"none of the {len(job.items)} inputs could be written; see the reasons above")
+        raise UserError(f"none of the {len(job.items)} inputs could be written; see the reasons above")
     report = _report(job, tok, parts, summaries, splits, counts, seconds)
     _write_json(job.output / "prepare_report.json", report)
     _write_json(job.output / "codec_spec.json", tok.codec_spec)
@@ -449,11 +468,11 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
-# ---------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------- for people
 
 
 def summary(report: dict[str, Any]) -> str:
-    """A few lines for people: what was written, what was skipped and why."""
+    """What `jpeglm prepare` prints at the end: what was written, what was skipped and why."""
     t = report["tokens_per_item"]
     lines = [
         f"wrote {report['items_written']} of {report['items_seen']} inputs to {report['output']} "
@@ -463,49 +482,3 @@ def summary(report: dict[str, Any]) -> str:
         f"time: {report['wall_time_s']:.1f} s ({report['items_per_s']} items/s); details in prepare_report.json",
     ]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--modality",
-        required=True,
-        choices=sorted(MODALITIES),
-        help="what the inputs are: images (jpeg), videos (avc) or text.",
-    )
-    parser.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        metavar="PATH",
-        help="directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards; "
-        "for text: .txt files and .jsonl files (a 'text' field per line).",
-    )
-    parser.add_argument("--output", required=True, help="dataset directory to write (re-run to finish a killed job).")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: train one on the inputs).")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of inputs in the validation split.")
-    parser.add_argument(
-        "--num-workers", type=int, default=None, help="processes that encode and tokenize (default: all cores)."
-    )
-    parser.add_argument("--max-items", type=int, default=None, help="use only the first N inputs found.")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the order in which inputs are written.")
-    parser.add_argument("--part-size", type=int, default=1024, help="inputs per part (what a killed job redoes).")
-    add_codec_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars.")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = prepare(
-        args.modality,
-        args.input,
-        args.output,
-        args.tokenizer,
-        args.val_fraction,
-        args.num_workers,
-        args.max_items,
-        args.seed,
-        args.part_size,
-        progress=not args.no_progress,
-        codec_options=dict(args.codec),
-    )
-    print(summary(report))
-    return 0

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
-from jpeglm.codecs import AvcCodec, JpegCodec
+from jpeglm.codecs import AvcCodec, Codec, JpegCodec
+from jpeglm.errors import UserError
 from jpeglm.inputs import encode_inputs, find_inputs
-from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, MODALITIES, CodecTokenizer
+from jpeglm.tokenizer import CodecTokenizer
 
+ModalityName = Literal["jpeg", "avc", "text"]
+"""The modalities a command reads (the keys of :data:`jpeglm.tokenizer.MODALITIES`)."""
 CODEC_FOR_MODALITY = {"jpeg": JpegCodec, "avc": AvcCodec}
 """Codec class that makes each media modality's streams (text has none: its stream is UTF-8)."""
 
@@ -33,6 +34,7 @@ class TrainReport:
     total_bytes: int = 0
     total_tokens: int = 0
     seconds: float = 0.0
+    output: str = ""  # where the tokenizer was saved
 
     def summary(self, tokenizer: CodecTokenizer, output: Path) -> str:
         n = max(self.items, 1)
@@ -49,7 +51,7 @@ class TrainReport:
 
 
 def train_tokenizer(
-    modality: str,
+    modality: ModalityName,
     inputs: list[str],
     output: str | Path,
     vocab_size: int | None = None,
@@ -57,27 +59,40 @@ def train_tokenizer(
     num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
-    codec_options: dict[str, Any] | None = None,
+    codec_options: dict | None = None,
 ) -> tuple[CodecTokenizer, TrainReport]:
     """Encode up to ``max_items`` inputs with the modality's codec, train BPE on them, save it.
 
-    ``codec_options`` are the codec's constructor arguments (default: the paper's settings), e.g.
-    ``{"size": 64}`` for small JPEGs; the codec's spec is saved with the tokenizer, and ``jpeglm prepare``
-    encodes with exactly that codec. Inputs that cannot be encoded are skipped and counted by reason.
+    The codec's spec is saved with the tokenizer, and ``jpeglm prepare`` encodes with exactly that codec.
+    Inputs that cannot be encoded are skipped and counted by reason.
+
+    Args:
+        modality: what the inputs are: images (jpeg), videos (avc) or text.
+        inputs: directories (recursive), globs, files, or list files (.lst/.list; .txt for media) of inputs;
+            for text: .txt files and .jsonl files (a "text" field per line).
+        output: the directory to write the tokenizer to.
+        vocab_size: BPE symbols including the 256 bytes (none: 320 for jpeg, 1024 for avc, 32000 for text).
+        max_items: train on at most this many inputs, a seeded sample of them (the paper: 10K).
+        num_workers: processes that encode media (none: all cores).
+        seed: seed of the sample taken when there are more inputs than max_items.
+        progress: show progress bars.
+        codec_options: codec settings other than the paper's, e.g. {"size": 64} for small JPEGs
+            (`--codec size=64`, repeatable; JpegCodec's or AvcCodec's arguments).
+
+    Raises:
+        UserError: missing inputs, nothing readable, or codec options the codec refuses.
     """
     start = time.perf_counter()
-    report = TrainReport()
+    report = TrainReport(output=str(output))
+    codec = make_codec(modality, codec_options)  # before the inputs are read: a typo fails at once
     found = find_inputs(inputs, modality)
     items, report.ignored = found.items, len(found.ignored)
     if len(items) > max_items:  # a deterministic sample, like the paper's 10K images / 10K videos
         chosen = set(random.Random(seed).sample(range(len(items)), max_items))
         items = [s for i, s in enumerate(items) if i in chosen]
-    if modality == "text" and codec_options:
-        raise ValueError("text has no codec: codec options do not apply")
-    codec = CODEC_FOR_MODALITY[modality](**(codec_options or {})) if modality != "text" else None
     streams = _read_streams(codec, items, modality, num_workers or os.cpu_count() or 1, report, progress)
     if not streams:
-        raise ValueError(f"none of the {len(items)} inputs could be read; nothing to train on")
+        raise UserError(f"none of the {len(items)} inputs could be read; nothing to train on")
     tokenizer = CodecTokenizer.train(
         streams, modality, vocab_size, codec.spec if codec else None, show_progress=progress
     )
@@ -85,6 +100,25 @@ def train_tokenizer(
     output = tokenizer.save(output)
     report.seconds = time.perf_counter() - start
     return tokenizer, report
+
+
+def make_codec(modality: str, codec_options: dict[str, Any] | None) -> Codec | None:
+    """The modality's codec with these settings (None for text, which has no codec).
+
+    Raises:
+        UserError: options for text, or options the codec class refuses (an unknown name, a bad value).
+    """
+    if modality == "text":
+        if codec_options:
+            raise UserError("text has no codec: codec options do not apply")
+        return None
+    cls = CODEC_FOR_MODALITY.get(modality)
+    if cls is None:
+        raise UserError(f"unknown modality {modality!r}; choose one of {['text', *CODEC_FOR_MODALITY]}")
+    try:
+        return cls(**(codec_options or {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"codec options {codec_options} are not valid for {cls.__name__}: {e}") from e
 
 
 def _read_streams(codec, items, modality, num_workers, report, progress) -> list[bytes]:
@@ -103,76 +137,8 @@ def _read_streams(codec, items, modality, num_workers, report, progress) -> list
     return streams
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    about = "train a byte-level BPE on codec streams of your files"
-    train = commands.add_parser("train", help=about, description=about)
-    train.add_argument(
-        "--modality",
-        required=True,
-        choices=sorted(MODALITIES),
-        help="what the inputs are: images (jpeg), videos (avc) or text.",
-    )
-    train.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        metavar="DIR_OR_GLOB",
-        help="directories (recursive), globs, files, or list files (.lst/.list; .txt for media) of inputs.",
-    )
-    train.add_argument("--output", required=True, help="directory to write the tokenizer to.")
-    train.add_argument(
-        "--vocab-size",
-        type=int,
-        default=None,
-        help="BPE symbols including the 256 bytes (default: "
-        + ", ".join(f"{n} for {m}" for m, n in DEFAULT_VOCAB_SIZE.items())
-        + ").",
-    )
-    train.add_argument("--max-items", type=int, default=10_000, help="train on at most this many items (paper: 10K).")
-    train.add_argument(
-        "--num-workers", type=int, default=None, help="processes that encode media (default: all cores)."
-    )
-    train.add_argument("--seed", type=int, default=0, help="seed of the sample taken when there are more inputs.")
-    add_codec_argument(train)
-    train.add_argument("--no-progress", action="store_true", help="no progress bars.")
-
-
-def add_codec_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--codec",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        type=_codec_option,
-        help="a codec setting other than the paper's, repeatable: e.g. --codec size=64 (JpegCodec), "
-        "--codec fps=2 (AvcCodec).",
-    )
-
-
-def _codec_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value  # a plain string such as subsampling=4:4:4
-
-
-def run(args: argparse.Namespace) -> int:
-    tokenizer, report = train_tokenizer(
-        args.modality,
-        args.input,
-        args.output,
-        args.vocab_size,
-        args.max_items,
-        args.num_workers,
-        args.seed,
-        progress=not args.no_progress,
-        codec_options=dict(args.codec),
-    )
-    print(report.summary(tokenizer, Path(args.output)))
-    for line in report.skipped_paths[:20]:
-        print(f"  skipped {line}")
-    return 0
+def summary(result: tuple[CodecTokenizer, TrainReport]) -> str:
+    """What `jpeglm tokenizer train` prints at the end: the tokenizer, what was read, the first inputs skipped."""
+    tokenizer, report = result
+    skipped = [f"  skipped {line}" for line in report.skipped_paths[:20]]
+    return "\n".join([report.summary(tokenizer, Path(report.output)), *skipped])

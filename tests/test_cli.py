@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+import functools
+import importlib
 import inspect
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,25 +20,15 @@ import yaml
 
 import jpeglm.callbacks
 import jpeglm.data_modules
-from jpeglm.cli import COMMANDS, LIGHTNING_COMMANDS, build_parser, main
+from jpeglm.cli import COMMANDS, LIGHTNING_COMMANDS, Command, main
+from jpeglm.codecs import CodecError
 from jpeglm.data_modules import SyntheticDataModule
+from jpeglm.errors import UserError
 from jpeglm.model import CodecLM
 
 ROOT = Path(__file__).parent.parent
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_query_groups": 2, "intermediate_size": 64}
-
-
-def command_line(name: str) -> list[str]:
-    return ["tokenizer", "train"] if name == "tokenizer" else [name]
-
-
-def options_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of `jpeglm NAME` (of `jpeglm tokenizer train` for tokenizer), as `main` builds it."""
-    parser = build_parser(name)
-    for word in command_line(name):
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[word]
-    return parser
+TYPED_COMMANDS = sorted(set(COMMANDS) - set(LIGHTNING_COMMANDS))
 
 
 def error_line(capsys, command: str) -> str:
@@ -48,24 +41,300 @@ def error_line(capsys, command: str) -> str:
     return last
 
 
+def command_function(name: str):
+    command = COMMANDS[name]
+    return getattr(importlib.import_module(command.module), command.function)
+
+
+def squash(text: str) -> str:
+    """Text without whitespace: help output wraps lines anywhere."""
+    return "".join(text.split())
+
+
+def option_help(out: str) -> dict[str, str]:
+    """`--help` output -> each option's name (without dashes) -> its help text, squashed."""
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in out.split("options:", 1)[1].splitlines():
+        match = re.match(r"^  --(\w+)", line)
+        if match:
+            current = blocks.setdefault(match.group(1), [])
+        elif line and not line.startswith(" "):
+            current = None  # the epilog
+        if current is not None:
+            current.append(line)
+    return {name: squash(" ".join(lines)) for name, lines in blocks.items()}
+
+
 # ---------------------------------------------------------------------- --help
 
 
-@pytest.mark.parametrize("name", sorted(set(COMMANDS) - set(LIGHTNING_COMMANDS)))
-def test_every_option_of_every_command_is_explained(name, capsys):
-    parser = options_parser(name)
-    assert parser.description, f"`jpeglm {' '.join(command_line(name))}` has no description"
-    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert options
-    for action in options:
-        assert (action.help or "").strip() not in ("", argparse.SUPPRESS), action.dest
+@pytest.mark.parametrize("name", TYPED_COMMANDS)
+def test_help_shows_every_option_with_its_default_and_sentence(name, capsys):
+    function = command_function(name)
+    documented = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__).params}
     with pytest.raises(SystemExit) as exit_:
-        main([*command_line(name), "--help"])
+        main([*name.split(), "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for action in options:
-        assert (action.option_strings or [action.dest])[-1] in out
-        assert " ".join(action.help.split()[:3]) in " ".join(out.split())
+    assert squash(COMMANDS[name].help) in squash(out)
+    options = option_help(out)
+    assert {"config", "print_config"} <= set(options)
+    for parameter in inspect.signature(function).parameters.values():
+        assert (documented.get(parameter.name) or "").strip(), f"{name}: no 'Args:' line for {parameter.name}"
+        text = options[parameter.name]
+        assert squash(documented[parameter.name]) in text
+        if parameter.default is inspect.Parameter.empty:
+            assert "required" in text
+        else:
+            shown = "null" if parameter.default is None else str(parameter.default)
+            assert squash(f"default: {shown}") in text
+
+
+def test_jpeglm_help_imports_no_command(tmp_path):
+    code = (
+        "import sys\nfrom jpeglm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('jpeglm.', 'jsonargparse', 'torch', 'lightning'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    for name in TYPED_COMMANDS:
+        assert name in result.stdout
+    assert result.stdout.splitlines()[-1] == "['jpeglm.cli']"
+
+
+# ---------------------------------------------------------------------- how arguments reach the function
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """``calls(name)`` replaces a command's function (and summary) by one that records its keyword arguments."""
+
+    def patch(name: str, result=None, raises: BaseException | None = None) -> list[dict]:
+        command = COMMANDS[name]
+        module = importlib.import_module(command.module)
+        real = getattr(module, command.function)
+        recorded: list[dict] = []
+
+        @functools.wraps(real)
+        def record(**kwargs):  # keyword arguments only: a positional one would be a TypeError
+            recorded.append(kwargs)
+            if raises is not None:
+                raise raises
+            return result
+
+        monkeypatch.setattr(module, command.function, record)
+        if command.summary:
+            monkeypatch.setattr(module, command.summary, lambda value: f"summary of {value}")
+        return recorded
+
+    return patch
+
+
+PREPARE = ["prepare", "--modality", "jpeg", "--input", "photos/", "more/*.jpg", "--output", "data/out"]
+
+
+def test_dashes_and_underscores_and_native_spellings_give_the_same_call(calls, capsys):
+    recorded = calls("prepare", result="report")
+    dashed = ["--val-fraction", "0.2", "--num-workers", "3", "--max-items", "5", "--tokenizer", "tok/jpeg"]
+    underscored = ["--val_fraction", "0.2", "--num_workers=3", "--max_items", "5", "--tokenizer=tok/jpeg"]
+    assert main([*PREPARE, *dashed, "--no-progress", "--codec", "size=64"]) == 0
+    assert capsys.readouterr().out == "summary of report\n"
+    assert main([*PREPARE, *underscored, "--progress", "false", "--codec_options", '{"size": 64}']) == 0
+    native = ["prepare", "--modality=jpeg", '--inputs=["photos/", "more/*.jpg"]', "--output=data/out", *underscored]
+    assert main([*native, "--progress=false", "--codec_options={size: 64}"]) == 0
+    expected = {
+        "modality": "jpeg",
+        "inputs": ["photos/", "more/*.jpg"],
+        "output": "data/out",
+        "tokenizer": "tok/jpeg",
+        "val_fraction": 0.2,
+        "num_workers": 3,
+        "max_items": 5,
+        "seed": 0,
+        "part_size": 1024,
+        "chunk_bytes": 64 * 2**20,
+        "progress": False,
+        "codec_options": {"size": 64},
+    }
+    assert recorded == [expected] * 3
+
+
+def test_bools_lists_and_dicts_on_the_command_line(monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "toy", Command(__name__, "toy", "a command to try the mechanism on", "toy_summary"))
+    assert main(["toy"]) == 0
+    defaults = {"ratios": [0.25, 0.5], "top_k": [40], "paths": None, "unconditional": False, "codec": None, "seed": 0}
+    assert TOY_CALLS.pop() == defaults
+    assert capsys.readouterr().out == "toy done\n"
+    cases = {
+        ("--ratios", "0.25,0.5,0.75"): {"ratios": [0.25, 0.5, 0.75]},
+        ("--ratios", "0.25", "0.5,0.75", "--seed", "-1"): {"ratios": [0.25, 0.5, 0.75], "seed": -1},
+        ("--top-k", "40,80,null"): {"top_k": [40, 80, None]},
+        ("--top-k", "[1, 2]"): {"top_k": [1, 2]},
+        ("--paths", "a,b.jpg", "c/"): {"paths": ["a,b.jpg", "c/"]},  # paths are never cut at commas
+        ("--unconditional",): {"unconditional": True},
+        ("--unconditional", "--no-unconditional"): {"unconditional": False},
+        ("--unconditional", "false"): {"unconditional": False},
+        ("--uncond",): {"unconditional": True},  # a unique prefix
+        ("--codec", "size=64", "--codec", "quality=30", "--codec", "subsampling=4:4:4", "--codec", "x=null"): {
+            "codec": {"size": 64, "quality": 30, "subsampling": "4:4:4", "x": None}
+        },
+    }
+    for args, changed in cases.items():
+        assert main(["toy", *args]) == 0, args
+        assert TOY_CALLS.pop() == defaults | changed, args
+
+
+def test_consolidate_takes_its_checkpoint_as_the_first_word(calls, tmp_path):
+    recorded = calls("consolidate", result=tmp_path / "model.ckpt")
+    assert main(["consolidate", "runs/last.ckpt", "--output", "model.ckpt"]) == 0
+    assert main(["consolidate", "--output", "model.ckpt", "runs/last.ckpt"]) == 0
+    assert main(["consolidate", "--checkpoint", "runs/last.ckpt", "--output", "model.ckpt"]) == 0
+    assert recorded == [{"checkpoint": "runs/last.ckpt", "output": "model.ckpt"}] * 3
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `jpeglm ...` line of the README's code blocks but the Lightning ones, and the consolidate example in
+    its text, as argv (after `jpeglm`)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S) + re.findall(r"`(jpeglm consolidate [^`]*)`", readme)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        words = shlex.split(line.split("#")[0])
+        start = next((i for i, w in enumerate(words) if w.endswith("jpeglm") and i + 1 < len(words)), None)
+        if start is not None and words[start + 1] not in LIGHTNING_COMMANDS:
+            commands.append(words[start + 1 :])
+    return commands
+
+
+def test_every_command_line_of_the_readme_parses(calls):
+    commands = readme_commands()
+    assert {" ".join(c[:2]) if c[0] == "tokenizer" else c[0] for c in commands} == set(TYPED_COMMANDS)
+    recorded = {name: calls(name) for name in TYPED_COMMANDS}
+    for argv in commands:
+        assert main(argv) == 0, argv
+    generate, unconditional = recorded["generate"]
+    assert generate["prompt_images"] == ["photos/"]
+    assert (generate["ratio"], generate["num_samples"], generate["top_k"], generate["top_p"]) == (0.5, 8, 40, 0.9)
+    assert (unconditional["unconditional"], unconditional["prompt_images"]) == (True, None)
+    (evaluate,) = recorded["evaluate"]
+    assert (evaluate["ratios"], evaluate["top_k"], evaluate["top_p"]) == ([0.25, 0.5, 0.75], [40, 80], [0.9, 1.0])
+    assert (evaluate["seeds"], evaluate["inception_weights"], evaluate["unconditional"]) == (3, "weights.pth", True)
+    assert recorded["consolidate"] == [{"checkpoint": "CKPT_DIR", "output": "model.ckpt"}]
+    assert [c["vocab_size"] for c in recorded["tokenizer train"]] == [320, None, 32000]
+    assert recorded["prepare"][0]["val_fraction"] == 0.01
+
+
+def test_the_quick_start_commands_parse(calls):
+    recorded = {name: calls(name) for name in ("generate", "evaluate")}
+    generate = ["generate", "--checkpoint", "last.ckpt", "--unconditional", "--num-samples", "2", "--max-new-tokens"]
+    assert main([*generate, "64", "--device", "cpu", "--output", "samples", "--no-progress"]) == 0
+    evaluate = ["evaluate", "--checkpoint", "c", "--images", "a", "b", "--output", "o", "--no-unconditional"]
+    assert main([*evaluate, "--top-k", "0,40", "--feature-extractor", "small", "--num-images", "4"]) == 0
+    (kwargs,) = recorded["generate"]
+    assert (kwargs["unconditional"], kwargs["num_samples"], kwargs["max_new_tokens"]) == (True, 2, 64)
+    assert (kwargs["device"], kwargs["progress"]) == ("cpu", False)
+    (kwargs,) = recorded["evaluate"]
+    assert (kwargs["images"], kwargs["unconditional"], kwargs["top_k"]) == (["a", "b"], False, [0, 40])
+    assert (kwargs["feature_extractor"], kwargs["num_images"]) == ("small", 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("prepare", [*PREPARE[1:], "--val-fraction", "0.1", "--no-progress", "--codec", "subsampling=4:4:4"]),
+        ("export", ["--checkpoint", "last.ckpt", "--output", "hf/", "--format", "litgpt"]),
+        ("tokenizer train", ["--modality", "avc", "--input", "clips/", "--output", "tok", "--vocab-size", "512"]),
+        ("consolidate", ["ckpt_dir", "--output", "model.ckpt"]),
+        ("evaluate", ["--checkpoint", "c", "--images", "a", "--output", "o", "--ratios", "0.5", "--no-unconditional"]),
+        ("generate", ["--checkpoint", "c", "--prompt-images", "a", "b", "--output", "o", "--top-k", "0"]),
+    ],
+)
+def test_print_config_is_a_config_that_gives_the_same_call(name, args, calls, capsys, tmp_path):
+    recorded = calls(name)
+    assert main([*name.split(), *args]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*name.split(), *args, "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) == recorded[0]  # every parameter, with its value
+    (tmp_path / "config.yaml").write_text(printed)
+    assert main([*name.split(), "--config", str(tmp_path / "config.yaml")]) == 0
+    assert recorded[1] == recorded[0]
+    if name == "export":  # and options after --config override it
+        assert main([*name.split(), "--config", str(tmp_path / "config.yaml"), "--format", "hf"]) == 0
+        assert recorded[2] == recorded[0] | {"format": "hf"}
+
+
+# ---------------------------------------------------------------------- mistakes and bugs
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
+        (["--val-fraction", "a lot"], 'Parser key "val_fraction"'),
+        (["--modality", "png"], "Got value: png"),
+        (["--codec", "size"], "--codec takes KEY=VALUE, got 'size'"),
+    ],
+)
+def test_a_mistake_in_the_arguments_is_one_line(args, message, calls, capsys):
+    recorded = calls("prepare")
+    assert main([*PREPARE, *args]) == 2
+    assert message in error_line(capsys, "prepare")
+    assert main(["prepare", "--modality", "jpeg", "--input", "a"]) == 2  # no --output
+    assert "required: output" in error_line(capsys, "prepare")
+    assert recorded == []
+
+
+@pytest.mark.parametrize("error", [UserError("output exists;\n  choose another"), CodecError("tables differ")])
+def test_a_user_error_from_the_command_is_one_line(error, calls, capsys, monkeypatch):
+    calls("export", raises=error)
+    args = ["export", "--checkpoint", "last.ckpt", "--output", "out"]
+    assert main(args) == 2
+    assert error_line(capsys, "export") == f"jpeglm export: error: {' '.join(str(error).split())}"
+    monkeypatch.setenv("JPEGLM_DEBUG", "1")
+    with pytest.raises(type(error)):
+        main(args)
+
+
+@pytest.mark.parametrize("error", [ValueError("zip() argument 2 is shorter"), FileNotFoundError("meta.pt")])
+def test_any_other_error_from_the_command_keeps_its_traceback(error, calls, capsys):
+    calls("tokenizer train", raises=error)
+    with pytest.raises(type(error)) as raised:
+        main(["tokenizer", "train", "--modality", "jpeg", "--input", "photos/", "--output", "tok"])
+    assert raised.value is error
+    assert "error:" not in capsys.readouterr().err
+
+
+TOY_CALLS: list[dict] = []
+
+
+def toy(
+    ratios: list[float] = (0.25, 0.5),
+    top_k: list[int | None] = (40,),
+    paths: list[str] | None = None,
+    unconditional: bool = False,
+    codec: dict | None = None,
+    seed: int = 0,
+) -> int:
+    """A command to try the mechanism on: records its arguments.
+
+    Args:
+        ratios: numbers.
+        top_k: numbers or none.
+        paths: paths, which may hold commas.
+        unconditional: a flag.
+        codec: KEY=VALUE settings.
+        seed: an integer.
+    """
+    TOY_CALLS.append({key: list(value) if isinstance(value, tuple) else value for key, value in locals().items()})
+    return len(TOY_CALLS)
+
+
+def toy_summary(result: int) -> str:
+    return "toy done"
 
 
 @pytest.mark.parametrize("name", LIGHTNING_COMMANDS)

@@ -2,11 +2,13 @@ import json
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from jpeglm.cli import main
-from jpeglm.tokenizer import CodecTokenizer
+from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, MODALITIES, CodecTokenizer
+from jpeglm.train_tokenizer import ModalityName, train_tokenizer
 
 
 @pytest.fixture
@@ -116,7 +118,7 @@ def test_input_mistakes_are_one_clear_line(tmp_path, capsys, inputs, message):
     code = main(["tokenizer", "train", "--modality", "jpeg", "--input", *inputs, "--output", str(tmp_path / "t")])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("jpeglm tokenizer: error:")
+    assert err.startswith("jpeglm tokenizer train: error:")
     assert message in err
     assert "Traceback" not in err
 
@@ -144,8 +146,28 @@ def test_console_script_help():
     result = subprocess.run(
         [sys.executable, "-m", "jpeglm.cli", "tokenizer", "train", "--help"], capture_output=True, text=True, check=True
     )
-    for option in ("--modality", "--input", "--vocab-size", "--output", "--max-items", "--num-workers"):
+    for option in ("--modality", "--inputs", "--vocab_size", "--output", "--max_items", "--num_workers", "--codec"):
         assert option in result.stdout
+    assert "--val-fraction" in result.stdout  # how options may also be spelt
+
+
+def test_the_help_names_each_modality_and_its_default_vocabulary():
+    assert set(typing.get_args(ModalityName)) == set(MODALITIES)
+    doc = " ".join(train_tokenizer.__doc__.split())
+    assert ", ".join(f"{n} for {m}" for m, n in DEFAULT_VOCAB_SIZE.items()) in doc
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["sise=64"], "unexpected keyword argument 'sise'"), (["size=63"], "size must be a positive multiple of 16")],
+)
+def test_codec_options_the_codec_refuses_are_one_line(photo_dir, tmp_path, capsys, options, message):
+    args = ["tokenizer", "train", "--modality", "jpeg", "--input", str(photo_dir), "--output", str(tmp_path / "t")]
+    assert main([*args, *(f"--codec={o}" for o in options)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jpeglm tokenizer train: error: codec options")
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_avc_modality_encodes_videos_first(tmp_path, capsys):
