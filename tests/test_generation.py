@@ -1,4 +1,4 @@
-"""Batched sampling with litgpt's KV cache, on tiny random CodecLMs (CPU)."""
+"""The token loop (jpeglm.generation.sampling): batched sampling with litgpt's KV cache, on tiny random CodecLMs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-from jpeglm import generation
 from jpeglm.codecs import DecodedImage
 from jpeglm.generation import (
     codec_stop,
@@ -16,6 +15,7 @@ from jpeglm.generation import (
     make_prompt,
     modality_mask,
     sample_logits,
+    sampling,
     sequence_bytes,
     token_pieces,
     tokenizer_mask,
@@ -101,7 +101,7 @@ def test_kv_cache_gives_the_ids_of_full_recomputation(model, setting):
 def test_a_prompt_longer_than_a_prefill_chunk(model, monkeypatch):
     prompts = [PROMPTS[0] + [12, 13], PROMPTS[2]]  # 7 and 9 ids, 7 in common
     expected = generate(model, prompts, 20, temperature=0, use_kv_cache=False)
-    monkeypatch.setattr(generation, "_PREFILL_CHUNK", 3)  # the common 7 in chunks of 3, 3 and 1
+    monkeypatch.setattr(sampling, "_PREFILL_CHUNK", 3)  # the common 7 in chunks of 3, 3 and 1
     assert generate(model, prompts, 20, temperature=0) == expected
 
 

@@ -1,9 +1,10 @@
 """Seeing the model draw while it trains: TensorBoard galleries of completions and unconditional samples.
 
-Prompts are the first validation items of each image or video source of the data module: each is cut
-with the codec's prompt (JPEG: after the k-th FFD7 marker, k = int(32 * ratio); H.264: after
-int(ratio * frames) frames), completed by the model, decoded (never raising) and shown as rows of
-``prompt | completion | original``. Unconditional samples start from ``bos, tag``.
+Prompts are the first validation items of each image or video modality of the data module: each is cut
+with the codec's prompt (JPEG: after the k-th FFD7 marker, k = int(32 * ratio); H.264: the first
+max(1, int(ratio * frames)) frames), completed by the model, decoded (never raising) and shown as rows of
+``prompt | completion | original``, all through :func:`jpeglm.generation.complete`. Unconditional samples
+start from ``bos, tag``.
 
 Sampling is deterministic (its own seeded generator) and leaves no trace: the model's training mode
 and every RNG state (Python, NumPy, torch CPU and CUDA) are restored, so a run with the callback has
@@ -14,6 +15,7 @@ needs all ranks) and only rank 0 writes images.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +26,28 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from jpeglm.generation import generate_source, make_prompt, sequence_bytes
-from jpeglm.vocabulary import DescribesVocabulary
-from jpeglm.vocabulary import Modality as Source
+from jpeglm.errors import UserError
+from jpeglm.generation import Completion, complete, item_budget
+from jpeglm.pictures import completion_row, grid
+from jpeglm.vocabulary import DescribesVocabulary, Modality
 
-_GAP = 4  # pixels of white between panels
 
-
-def media_sources(datamodule: Any) -> list[Source]:
-    """The image and video sources of a data module (text has nothing to draw)."""
+def media_modalities(datamodule: Any) -> list[Modality]:
+    """The image and video modalities of a data module that come with a dataset (text has nothing to draw)."""
     if not isinstance(datamodule, DescribesVocabulary):
         return []
     return [m for m in datamodule.modalities() if m.is_media and m.dataset is not None]
 
 
-def originals(source: Source, count: int) -> list[bytes]:
+def originals(modality: Modality, count: int) -> list[bytes]:
     """The codec streams of the first ``count`` validation items (training items if there is no val split)."""
-    split = "val" if source.dataset.split_dir("val") is not None else "train"
+    split = "val" if modality.dataset.split_dir("val") is not None else "train"
     streams = []
-    for sample in source.dataset.samples(split):
-        streams.append(source.tokenizer.decode(sample))
+    for sample in modality.dataset.samples(split):
+        streams.append(modality.tokenizer.decode(sample))
         if len(streams) == count:
             break
     return streams
-
-
-def cut(codec: Any, stream: bytes, ratio: float) -> bytes:
-    """The paper's prompt: a share of the image's restart intervals, or of the video's frames."""
-    if codec.name == "avc":
-        frames = max(1, int(ratio * codec.frames_per_clip))
-        return codec.prompt(stream, frames=frames)
-    return codec.prompt(stream, ratio)
-
-
-def picture(codec: Any, stream: bytes, max_frames: int = 8) -> tuple[np.ndarray, Any]:
-    """(H, W, 3) uint8 of a decoded stream (a video as a strip of frames) and the decode result."""
-    decoded = codec.decode(stream)
-    if codec.name != "avc":
-        return np.asarray(decoded.image), decoded
-    frames = decoded.frames  # (T, H, W, 3)
-    step = max(1, -(-len(frames) // max_frames))
-    return _row(list(frames[::step])), decoded
-
-
-def _row(panels: list[np.ndarray]) -> np.ndarray:
-    h = max(p.shape[0] for p in panels)
-    gap = np.full((h, _GAP, 3), 255, np.uint8)
-    parts = []
-    for p in panels:
-        parts += [np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255), gap]
-    return np.concatenate(parts[:-1], axis=1)
-
-
-def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """Panels laid out in rows (each row left to right), white gaps between them: (H, W, 3) uint8."""
-    lines = [_row(r) for r in rows]
-    w = max(line.shape[1] for line in lines)
-    gap = np.full((_GAP, w, 3), 255, np.uint8)
-    parts = []
-    for line in lines:
-        parts += [np.pad(line, ((0, 0), (0, w - line.shape[1]), (0, 0)), constant_values=255), gap]
-    return np.concatenate(parts[:-1], axis=0)
 
 
 def log_scalars(trainer: L.Trainer, pl_module: L.LightningModule, scalars: dict[str, float], end: bool) -> None:
@@ -147,7 +110,7 @@ class EveryNSteps(Callback):
 class SampleGallery(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps, complete validation prompts and log the pictures.
 
-    For each image/video source and each ratio: a TensorBoard image ``samples/<modality>/ratio_<r>`` whose
+    For each image/video modality and each ratio: a TensorBoard image ``samples/<modality>/ratio_<r>`` whose
     rows are ``prompt | completion | original`` (videos as strips of frames), plus
     ``samples/<modality>/unconditional``; the same pictures as PNG files under ``<log_dir>/samples/``; and
     scalars ``samples/complete`` (share of samples that decode as full valid streams) and
@@ -193,16 +156,16 @@ class SampleGallery(EveryNSteps):
 
         ``end``: called from ``on_train_end``, where ``self.log`` is not allowed: scalars go to the loggers.
         """
-        pictures, complete, fraction = {}, [], []
+        pictures, whole, fraction = {}, [], []
         with _PreservedState(pl_module):
-            for source in media_sources(trainer.datamodule):
-                for tag, rows, results in self._source_gallery(pl_module, source):
-                    pictures[f"samples/{source.name}/{tag}"] = grid(rows)
-                    complete += [r.complete for r in results]
-                    fraction += [r.fraction for r in results]
-        if complete:
+            for modality in media_modalities(trainer.datamodule):
+                for tag, rows, completions in self._modality_gallery(pl_module, modality):
+                    pictures[f"samples/{modality.name}/{tag}"] = grid(rows)
+                    whole += [c.complete for c in completions]
+                    fraction += [c.fraction for c in completions]
+        if whole:
             self.last_scalars = {
-                "samples/complete": float(np.mean(complete)),
+                "samples/complete": float(np.mean(whole)),
                 "samples/fraction": float(np.mean(fraction)),
             }
             log_scalars(trainer, pl_module, self.last_scalars, end)
@@ -211,41 +174,23 @@ class SampleGallery(EveryNSteps):
             self._write(trainer, pictures, folder)
         return pictures
 
-    def _source_gallery(self, pl_module: L.LightningModule, source: Source):
-        codec, tok = source.codec, source.tokenizer
-        streams = originals(source, self.num_prompts)
-        cuts = []
-        for ratio in self.ratios:
-            try:
-                cuts += [(ratio, stream, cut(codec, stream, ratio)) for stream in streams]
-            except ValueError as e:  # e.g. a ratio that keeps no FFD7 marker of a small image
-                rank_zero_warn(f"SampleGallery: skipping ratio {ratio} for {source.name}: {e}")
-        longest = max((len(tok.encode(s)) for s in streams), default=1024)
-        conditional = [make_prompt(tok, prompt, source.offset) for _, _, prompt in cuts]
-        unconditional = [make_prompt(tok, b"", source.offset)] * self.num_unconditional
-        # Two calls: batched with [bos, tag], a long prompt would be fed one token per step.
-        completions = self._sample(pl_module, source, conditional, longest)
-        unconditional = self._sample(pl_module, source, unconditional, longest)
-        for ratio in dict.fromkeys(r for r, _, _ in cuts):
-            rows, results = [], []
-            for (r, original, prompt), completion in zip(cuts, completions, strict=True):
-                if r == ratio:
-                    image, result = picture(codec, completion)
-                    rows.append([picture(codec, prompt)[0], image, picture(codec, original)[0]])
-                    results.append(result)
-            yield f"ratio_{ratio:.2f}", rows, results
-        if unconditional:
-            drawn = [picture(codec, stream) for stream in unconditional]
-            yield "unconditional", [[image for image, _ in drawn]], [result for _, result in drawn]
-
-    def _sample(self, pl_module: L.LightningModule, source: Source, prompts: list[list[int]], longest: int) -> list:
-        """The codec streams the model writes after each prompt."""
-        if not prompts:
-            return []
-        outputs = generate_source(
-            pl_module, source, prompts, self.max_new_tokens or int(1.5 * longest) + 2, **self.sampling
-        )
-        return [sequence_bytes(ids, source.tokenizer, source.offset, source.codec) for ids in outputs]
+    def _modality_gallery(
+        self, pl_module: L.LightningModule, modality: Modality
+    ) -> Iterator[tuple[str, list[list[np.ndarray]], list[Completion]]]:
+        """(tag, rows of panels, completions) of each ratio that can cut the prompts, then of unconditional samples."""
+        codec, streams = modality.codec, originals(modality, self.num_prompts)
+        sampling = {**self.sampling, "max_new_tokens": self.max_new_tokens or item_budget(modality, streams)}
+        for ratio in self.ratios if streams else ():
+            try:  # each ratio's prompts in one batch, with the gallery's seed
+                completions = complete(pl_module, modality, streams, ratio=ratio, batch_size=len(streams), **sampling)
+            except UserError as e:  # e.g. a ratio that keeps no FFD7 marker of a small image
+                rank_zero_warn(f"SampleGallery: skipping ratio {ratio} for {modality.name}: {e}")
+                continue
+            yield f"ratio_{ratio:.2f}", [completion_row(codec, c) for c in completions], completions
+        if self.num_unconditional:
+            n = self.num_unconditional
+            completions = complete(pl_module, modality, num_samples=n, batch_size=n, **sampling)
+            yield "unconditional", [[codec.preview(c.decoded) for c in completions]], completions
 
     def _write(self, trainer: L.Trainer, pictures: dict[str, np.ndarray], folder: Path) -> None:
         step = trainer.global_step

@@ -1,4 +1,7 @@
-"""Batched sampling from a CodecLM (or any litgpt ``GPT``) with litgpt's KV cache.
+"""The token loop: batched sampling from a CodecLM (or any litgpt ``GPT``) with litgpt's KV cache.
+
+Most callers want :func:`jpeglm.generation.complete` (pipeline.py), which builds the prompts, mask and stop
+from a :class:`~jpeglm.vocabulary.Modality` and decodes what the model writes; this module is the loop under it.
 
 :func:`generate` continues a batch of prompts one token per step. Prompts may differ in length: the
 shortest common length is prefilled for the whole batch at once, then every sequence advances one
@@ -138,11 +141,9 @@ def generate(
 ) -> list[list[int]]:
     """Continue every prompt with up to ``max_new_tokens`` sampled ids, all prompts in one batch.
 
-    A sequence ends at ``eos_id`` (kept as its last id), when ``stop`` cuts it, or after
-    ``max_new_tokens`` new ids; the loop ends when every sequence has ended, and ended sequences leave
-    the batch. Each prompt is an exact prefix of its output. The model runs in eval mode under
-    ``torch.inference_mode`` (``no_grad`` if FSDP2-sharded); its training mode is restored and the KV
-    cache cleared afterwards.
+    A sequence ends at ``eos_id`` (kept as its last id), when ``stop`` cuts it, or after ``max_new_tokens``
+    new ids; ended sequences leave the batch. The model runs in eval mode without autograd; its training
+    mode is restored and the KV cache cleared afterwards.
 
     Args:
         model: a litgpt ``GPT``, or a module holding one as ``.model`` (:class:`~jpeglm.model.CodecLM`).
@@ -152,22 +153,37 @@ def generate(
         top_k: see :func:`sample_logits`.
         top_p: see :func:`sample_logits`.
         seed: seeds the generator: the same seed gives the same ids (on every rank).
-        allowed: bool (vocab_size,), or (len(prompts), vocab_size) for one mask per prompt: the ids that may
-            be drawn (e.g. :func:`tokenizer_mask`). Prompt ids are not checked. The head's padding columns
-            beyond ``vocab_size`` are never drawn either way.
-        stop: called after each generated id with the sequence so far (prompt + generated ids; the same
-            list, grown, at every call): a returned length ``n`` cuts the sequence to its first ``n`` ids
-            (never into the prompt) and ends it. E.g. :func:`codec_stop`.
+        allowed: bool (vocab_size,), or (len(prompts), vocab_size): the ids that may be drawn (e.g.
+            :func:`tokenizer_mask`); the head's padding columns beyond ``vocab_size`` never are.
+        stop: called after each generated id with the sequence so far (the same list, grown): a returned
+            length cuts the sequence to that many ids (never into the prompt) and ends it (:func:`codec_stop`).
         eos_id: the id that ends a sequence (None: no id does).
-        use_kv_cache: False recomputes the whole forward at every step (the benchmark's baseline); the
-            ids are the same either way.
-        on_step: called after each step with the number of ids it generated (sequences past their prompt),
-            e.g. to advance a progress bar.
+        use_kv_cache: False recomputes the whole forward at every step (the same ids, slower).
+        on_step: called after each step with the number of ids it generated (sequences past their prompt).
 
     Returns:
-        One list per prompt: the prompt followed by the generated ids.
+        One list per prompt: the prompt (an exact prefix) followed by the generated ids.
     """
     gpt = model.model if isinstance(getattr(model, "model", None), GPT) else model
+    prompts = _check_arguments(gpt, model, prompts, max_new_tokens)
+    device = gpt.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    mask = _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device)
+    sampler = _Sampler(temperature, top_k, top_p, generator, gpt.config.vocab_size, mask)
+    training = model.training
+    model.eval()
+    try:
+        with _without_autograd(gpt):
+            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step)
+    finally:
+        gpt.clear_kv_cache()
+        model.train(training)
+
+
+def _check_arguments(
+    gpt: Any, model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """The prompts as lists of ints, once the model, prompts and budget are known to fit together."""
     if not isinstance(gpt, GPT):
         raise TypeError(f"expected a litgpt GPT or a module holding one as .model (configured), got {type(model)}")
     prompts = [[int(i) for i in p] for p in prompts]
@@ -181,23 +197,7 @@ def generate(
             f"the longest prompt ({longest} ids) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {gpt.max_seq_length} tokens"
         )
-    device = gpt.lm_head.weight.device
-    sampler = _Sampler(
-        temperature,
-        top_k,
-        top_p,
-        torch.Generator(device=device).manual_seed(seed),
-        gpt.config.vocab_size,
-        _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device),
-    )
-    training = model.training
-    model.eval()
-    try:
-        with _without_autograd(gpt):
-            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step)
-    finally:
-        gpt.clear_kv_cache()
-        model.train(training)
+    return prompts
 
 
 def _without_autograd(gpt: GPT) -> contextlib.AbstractContextManager:
@@ -429,26 +429,3 @@ def codec_stop(codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> CodecS
     prompt); the id holding the item's last byte is kept, see :class:`CodecStop`.
     """
     return CodecStop(codec, tokenizer, offset)
-
-
-def new_token_budget(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
-    """``max_new_tokens``, bounded by the context a CodecLM has left after the longest of ``prompts``."""
-    return min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
-
-
-def generate_source(model: Any, source: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, **sampling):
-    """:func:`generate` for one modality of a CodecLM (``source``: a :class:`jpeglm.sources.Source`).
-
-    Only that modality's ids (and eos) can be drawn, each sequence stops at the end of its image or clip,
-    and ``max_new_tokens`` is bounded by the context the longest prompt leaves. ``sampling``: temperature,
-    top_k, top_p, seed, on_step.
-    """
-    tok, codec = source.tokenizer, source.codec
-    return generate(
-        model.model,
-        prompts,
-        new_token_budget(model, prompts, max_new_tokens),
-        allowed=tokenizer_mask(tok, model.config.vocab_size, source.offset),
-        stop=codec_stop(codec, tok, source.offset),
-        **sampling,
-    )

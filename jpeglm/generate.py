@@ -1,0 +1,172 @@
+"""``jpeglm generate``: sample images or videos from a checkpoint, as files people can open.
+
+Prompts come from your images (or videos): each is encoded with the codec the model was trained with and cut
+with the paper's protocol (``ratio``: after the k-th FFD7 marker of a JPEG, the first frames of a video); or
+sampling starts from nothing (``unconditional``). Both go through :func:`jpeglm.generation.complete`.
+Written to ``output``:
+
+- ``sample_0000.jpg`` / ``.mp4``: each sample (``codec.to_file``). When the stream the model wrote is complete
+  and valid it is that stream made standalone; otherwise the best-effort decode (grey where the stream broke)
+  saved as an ordinary file, so every file opens.
+- ``contact_sheet.png``: one row per sample, ``prompt | completion | original``.
+- ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, seed and settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from jpeglm.checkpoints import check_tokenizer, load_model
+from jpeglm.errors import UserError
+from jpeglm.generation import Completion, complete
+from jpeglm.inputs import encode_input, find_inputs
+from jpeglm.pictures import completion_row, grid
+from jpeglm.vocabulary import Modality, pick_modality
+
+
+def generate_samples(
+    checkpoint: str,
+    output: str,
+    prompt_images: list[str] | None = None,
+    unconditional: bool = False,
+    ratio: float = 0.5,
+    num_samples: int = 8,
+    max_new_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 40,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 8,
+    modality: str | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Sample images or videos from a checkpoint into files, a contact sheet and samples.json.
+
+    Args:
+        checkpoint: A jpeglm checkpoint (a file, or an FSDP2 sharded directory).
+        output: Directory for the samples, contact_sheet.png and samples.json.
+        prompt_images: Images (or videos) whose beginnings the model completes: directories, globs or files.
+        unconditional: Sample from nothing (bos and the modality tag) instead of completing prompts.
+        ratio: Share of each prompt kept (JPEG: of its restart intervals; video: of its frames).
+        num_samples: How many samples to write (with prompts: the first readable ones).
+        max_new_tokens: Most new tokens per sample (default: up to the end of the model's context).
+        temperature: Sampling temperature (0: greedy).
+        top_k: Sample only from the k most likely tokens (0: from all).
+        top_p: Nucleus sampling threshold (1.0: off).
+        seed: Sampling seed; the batch starting at sample i uses seed + i.
+        batch_size: Samples generated at once.
+        modality: Which modality of a model trained on several to sample, jpeg or avc (default: its first).
+        tokenizer: A tokenizer directory to check against the one the checkpoint was trained with.
+        device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
+        progress: Show a progress bar.
+
+    Returns:
+        One record per sample, as written to samples.json.
+    """
+    _check_request(prompt_images, unconditional, num_samples)
+    model, chosen = _load(checkpoint, device, tokenizer, modality)
+    names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
+    settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+    with tqdm(desc="generate", unit="tok", disable=not progress) as bar:
+        completions = complete(
+            model,
+            chosen,
+            streams,
+            num_samples=None if streams else num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            on_progress=lambda done, total: _advance(bar, done, total),
+            **settings,
+        )
+    meta = {"checkpoint": str(checkpoint), **settings}
+    return _write(Path(output), chosen, completions, names or [None] * len(completions), meta)
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """The line to print when :func:`generate_samples` has written ``records``."""
+    folder = Path(records[0]["path"]).parent
+    share = np.mean([r["complete"] for r in records])
+    return f"wrote {len(records)} samples to {folder} ({share:.0%} complete streams); see samples.json"
+
+
+def _check_request(prompt_images: list[str] | None, unconditional: bool, num_samples: int) -> None:
+    if bool(prompt_images) == unconditional:
+        raise UserError("give prompt images to complete (--prompt-images) or --unconditional, exactly one of them")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+
+
+def _load(checkpoint: str, device: str | None, tokenizer: str | None, modality: str | None) -> tuple[Any, Modality]:
+    """The model and the modality to sample, once a given tokenizer is known to be the checkpoint's."""
+    model, modalities = load_model(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_tokenizer(modalities, tokenizer)
+    return model, pick_modality(modalities, modality)
+
+
+def _prompt_streams(modality: Modality, inputs: list[str], count: int) -> tuple[list[str], list[bytes]]:
+    """Names and streams of the first ``count`` readable inputs (unreadable ones are reported and skipped)."""
+    names, streams = [], []
+    for item in find_inputs(inputs, modality.name).items:
+        encoded = encode_input(modality.codec, item)
+        if encoded.stream is None:
+            print(f"skipped {item.name}: {encoded.error}")
+            continue
+        names.append(item.name)
+        streams.append(encoded.stream)
+        if len(streams) == count:
+            break
+    if not streams:
+        raise UserError(f"none of the inputs in {inputs} could be used as a prompt")
+    return names, streams
+
+
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    """Show ``done`` of ``total`` tokens (sequences that end early give their unused budget back, so it ends full)."""
+    if bar.total != total:
+        bar.total = total
+        bar.refresh()
+    bar.update(done - bar.n)  # drawn at most every mininterval seconds
+
+
+def _write(
+    out: Path, modality: Modality, completions: list[Completion], names: list[str | None], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Write the sample files, the contact sheet and samples.json; the samples' records.
+
+    ``meta``: the checkpoint (at the top of samples.json) and the sampling settings (in every record).
+    """
+    settings = {k: v for k, v in meta.items() if k != "checkpoint"}
+    codec = modality.codec
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (name, c) in enumerate(zip(names, completions, strict=True)):
+        path = out / f"sample_{index:04d}{codec.file_suffix}"
+        path.write_bytes(codec.to_file(c.stream, c.decoded))
+        records.append(
+            {
+                "file": path.name,
+                "path": str(path),
+                "prompt": name,
+                "new_tokens": c.new_tokens,
+                "complete": c.complete,
+                "fraction": round(c.fraction, 4),
+                "seed": c.seed,
+                "tokens_per_s": round(c.tokens_per_s, 1),
+                **settings,
+            }
+        )
+    Image.fromarray(grid([completion_row(codec, c) for c in completions])).save(out / "contact_sheet.png")
+    (out / "samples.json").write_text(
+        json.dumps({"checkpoint": meta["checkpoint"], "samples": records}, indent=2) + "\n"
+    )
+    return records

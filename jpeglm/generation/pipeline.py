@@ -1,0 +1,256 @@
+"""One completion pipeline: codec streams in, decoded samples out.
+
+:func:`complete` is the only place that turns prompts into decoded samples; the sample gallery, the FID
+callback, ``jpeglm generate`` and ``jpeglm evaluate`` all call it. It owns, for one modality of a model:
+
+- the prompts: each full stream cut with ``codec.prompt(stream, ratio)`` (the paper's protocol), or
+  ``[bos, tag]`` alone for unconditional samples;
+- the token budget: ``max_new_tokens``, never more than the context the longest prompt of a batch leaves
+  (:func:`item_budget` gives the usual "enough for any of these items" budget);
+- the ids that may be drawn (the modality's own BPE ids and eos: :func:`~jpeglm.generation.tokenizer_mask`)
+  and the stop at the end of the first whole item (:func:`~jpeglm.generation.codec_stop`);
+- batching, with seed ``seed + index of the batch's first sample`` for each batch;
+- the bytes of the item each sequence holds (:func:`~jpeglm.generation.sequence_bytes`) and their decode.
+
+Under FSDP2 call it on every rank with the same arguments: every rank draws the same ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from litgpt import GPT
+
+from jpeglm.codecs import Codec, Decoded
+from jpeglm.errors import UserError
+from jpeglm.generation.sampling import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.vocabulary import Modality
+
+Progress = Callable[[int, int], None]
+"""Called as ``on_progress(done, total)``: ids generated so far, and the most the whole call can generate."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sample: what the model was given, what it wrote, and how it decodes.
+
+    Attributes:
+        prompt: the prompt stream the model continued (``b""`` for an unconditional sample).
+        original: the full stream the prompt was cut from (None when the prompt was given already cut).
+        ids: the model's ids: the prompt's (``bos, tag, ...``) followed by the generated ones.
+        stream: the codec stream of the one item the ids hold (the prompt's bytes included), cut at its end.
+        decoded: ``codec.decode(stream)`` (never raises: grey where the stream broke).
+        new_tokens: ids generated after the prompt.
+        seed: the seed of its batch (``seed + index of the batch's first sample``): the same batch sampled
+            with this seed draws the same ids.
+        tokens_per_s: ``new_tokens`` over the seconds its batch took to generate.
+    """
+
+    prompt: bytes
+    original: bytes | None
+    ids: list[int]
+    stream: bytes
+    decoded: Decoded
+    new_tokens: int
+    seed: int
+    tokens_per_s: float
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream decodes as a full, valid item."""
+        return self.decoded.complete
+
+    @property
+    def fraction(self) -> float:
+        """Share of the item (MCUs of an image, slices of a clip) that the stream holds well-formed."""
+        return self.decoded.fraction
+
+
+def complete(
+    model: torch.nn.Module,
+    modality: Modality,
+    prompts: Sequence[bytes] | None = None,
+    *,
+    num_samples: int | None = None,
+    ratio: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 40,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    on_progress: Progress | None = None,
+) -> list[Completion]:
+    """Complete codec streams (or sample from nothing) with one modality of a model, and decode the results.
+
+    Args:
+        model: a :class:`~jpeglm.model.CodecLM` (or a bare litgpt ``GPT``) trained on ``modality``'s ids.
+        modality: the image or video modality to write (its tokenizer, codec and id offset).
+        prompts: with ``ratio``, full streams (e.g. from ``codec.encode``), each cut with
+            ``codec.prompt(stream, ratio)``; without, prompt streams used as given. None: unconditional.
+        num_samples: how many unconditional samples to draw (only without ``prompts``).
+        ratio: share of each full stream kept as its prompt, inside (0, 1) (only with ``prompts``).
+        temperature: divides the logits; 0 takes the most likely id.
+        top_k: draw only from the k most likely ids (None: all).
+        top_p: then only from the most likely ids that together reach this probability (1.0: all).
+        seed: seed of the first batch; batch ``b`` uses ``seed + b * batch_size``.
+        batch_size: sequences generated at once.
+        max_new_tokens: most ids generated per sample (None: up to the end of the context); never more than
+            the context the longest prompt of a batch leaves.
+        on_progress: called after each generation step as ``on_progress(done, total)``, in ids; the budget a
+            batch leaves unused counts as done when the batch ends, so ``done`` ends at ``total``.
+
+    Returns:
+        One :class:`Completion` per prompt (or sample), in order.
+
+    Raises:
+        UserError: bad settings, a prompt that cannot be cut at ``ratio``, or one that fills the context.
+    """
+    codec = _media_codec(modality)
+    _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens)
+    cuts, originals = _prompt_streams(codec, prompts, num_samples, ratio)
+    gpt = model.model if isinstance(getattr(model, "model", None), GPT) else model
+    if not isinstance(gpt, GPT):
+        raise TypeError(f"expected a CodecLM or a litgpt GPT, got {type(model).__name__}")
+    ids = [make_prompt(modality.tokenizer, cut, modality.offset) for cut in cuts]
+    batches = [slice(start, start + batch_size) for start in range(0, len(ids), batch_size)]
+    budgets = [_budget(gpt, ids[b], max_new_tokens) for b in batches]
+    progress = _Progress(sum(len(ids[b]) * n for b, n in zip(batches, budgets, strict=True)), on_progress)
+    allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
+    run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
+    completions = []
+    for b, budget in zip(batches, budgets, strict=True):
+        completions += run(ids[b], cuts[b], originals[b], budget, seed + b.start, progress)
+        progress.batch_done(len(ids[b]) * budget)
+    return completions
+
+
+def item_budget(modality: Modality, streams: Sequence[bytes]) -> int | None:
+    """New tokens enough to write any of ``streams`` whole: 1.5x the longest in tokens, plus 2.
+
+    The default budget of the gallery, FID and ``jpeglm evaluate``: a sample that runs past it is not going to
+    end well. None when there are no streams (then :func:`complete` allows up to the end of the context).
+    """
+    if not streams:
+        return None
+    return int(1.5 * max(len(modality.tokenizer.encode(s)) for s in streams)) + 2
+
+
+# ---------------------------------------------------------------------- the parts of complete()
+
+
+@dataclass
+class _Batch:
+    """Generates one batch under the modality's mask and codec stop, and decodes what each sequence holds."""
+
+    gpt: GPT
+    modality: Modality
+    allowed: torch.Tensor
+    sampling: dict[str, Any]
+
+    def __call__(
+        self,
+        ids: list[list[int]],
+        cuts: list[bytes],
+        originals: list[bytes | None],
+        budget: int,
+        seed: int,
+        progress: _Progress,
+    ) -> list[Completion]:
+        tok, codec, offset = self.modality.tokenizer, self.modality.codec, self.modality.offset
+        began = time.perf_counter()
+        outputs = generate(
+            self.gpt,
+            ids,
+            budget,
+            allowed=self.allowed,
+            stop=codec_stop(codec, tok, offset),
+            seed=seed,
+            on_step=progress.step,
+            **self.sampling,
+        )
+        seconds = max(time.perf_counter() - began, 1e-9)
+        completions = []
+        for prompt_ids, out, cut, original in zip(ids, outputs, cuts, originals, strict=True):
+            stream = sequence_bytes(out, tok, offset, codec)
+            new = len(out) - len(prompt_ids)
+            completions.append(Completion(cut, original, out, stream, codec.decode(stream), new, seed, new / seconds))
+        return completions
+
+
+class _Progress:
+    """Counts generated ids for ``on_progress``; ids a batch left unused count as done when it ends."""
+
+    def __init__(self, total: int, callback: Progress | None) -> None:
+        self.total, self.callback = total, callback
+        self.done = self.batches_done = 0
+
+    def step(self, count: int) -> None:
+        self.done += count
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def batch_done(self, most: int) -> None:
+        self.batches_done += most
+        self.step(self.batches_done - self.done)
+
+
+def _media_codec(modality: Modality) -> Codec:
+    if not modality.is_media:
+        raise UserError(f"the {modality.name!r} modality has no codec: complete() writes images and videos")
+    return modality.codec
+
+
+def _check_settings(
+    temperature: float, top_k: int | None, top_p: float, batch_size: int, max_new_tokens: int | None
+) -> None:
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1 (None: all ids), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1.0: off), got {top_p}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1 (None: up to the context), got {max_new_tokens}")
+
+
+def _prompt_streams(
+    codec: Codec, prompts: Sequence[bytes] | None, num_samples: int | None, ratio: float | None
+) -> tuple[list[bytes], list[bytes | None]]:
+    """The prompt stream of each sample and the full stream it was cut from (None: not cut here)."""
+    if prompts is None:
+        if ratio is not None:
+            raise UserError("a prompt ratio needs prompts to cut; unconditional samples start from nothing")
+        if num_samples is None or num_samples < 1:
+            raise UserError(f"give prompts, or num_samples >= 1 for unconditional samples (got {num_samples})")
+        return [b""] * num_samples, [None] * num_samples
+    if num_samples is not None:
+        raise UserError("give prompts or num_samples, not both: each prompt is completed once")
+    if not prompts:
+        raise UserError("no prompts to complete")
+    if ratio is None:
+        return [bytes(p) for p in prompts], [None] * len(prompts)
+    cuts = []
+    for index, stream in enumerate(prompts):
+        try:
+            cuts.append(codec.prompt(bytes(stream), ratio))
+        except ValueError as e:
+            raise UserError(f"cannot cut prompt {index} at ratio {ratio}: {e}") from e
+    return cuts, [bytes(p) for p in prompts]
+
+
+def _budget(gpt: GPT, prompts: list[list[int]], max_new_tokens: int | None) -> int:
+    """``max_new_tokens`` (None: no limit), bounded by the context the longest of ``prompts`` leaves."""
+    longest, context = max(len(p) for p in prompts), gpt.config.block_size
+    if longest >= context:
+        raise UserError(
+            f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens; "
+            "cut the prompts shorter (a smaller ratio)"
+        )
+    return context - longest if max_new_tokens is None else min(max_new_tokens, context - longest)

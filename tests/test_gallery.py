@@ -1,0 +1,106 @@
+"""SampleGallery and FIDCallback during training, and the FID metric they share with `jpeglm evaluate`."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import fit
+
+from jpeglm import callbacks
+from jpeglm.callbacks import FIDCallback, SampleGallery
+from jpeglm.callbacks.gallery import media_modalities, originals
+from jpeglm.errors import UserError
+from jpeglm.fid import SmallFeatures, fid, fid_metric, to_batch
+from jpeglm.generation import complete
+from jpeglm.pictures import completion_row, grid
+
+
+def gallery() -> SampleGallery:
+    return SampleGallery(every_n_steps=2, num_prompts=2, ratios=(0.25, 0.5), num_unconditional=1, max_new_tokens=40)
+
+
+def test_gallery_images_are_in_the_tensorboard_event_file(tmp_path):
+    callback = gallery()
+    trainer, model = fit(tmp_path, [callback])
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()["images"]
+    assert "samples/jpeg/ratio_0.50" in tags
+    assert "samples/jpeg/unconditional" in tags
+    assert "samples/jpeg/ratio_0.25" not in tags  # 64x64 images have 2 FFD7 markers: 0.25 keeps none, skipped
+    steps = [e.step for e in events.Images("samples/jpeg/ratio_0.50")]
+    assert steps == [2, 4]
+    picture = events.Images("samples/jpeg/ratio_0.50")[-1]
+    assert (picture.width, picture.height) == (3 * 64 + 2 * 4, 2 * 64 + 4)  # prompt | completion | original, 2 rows
+    pngs = sorted((tmp_path / "run").rglob("samples/step*_ratio_0.50.png"))
+    assert len(pngs) == 2
+    assert 0.0 <= callback.last_scalars["samples/fraction"] <= 1.0
+    assert "samples/complete" in trainer.callback_metrics
+
+    # The gallery is complete() with its settings: every ratio's prompts in one batch, the gallery's seed.
+    pictures = callback.draw(trainer, model, end=True)
+    [modality] = media_modalities(trainer.datamodule)
+    sampling = {"temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 0, "max_new_tokens": 40}
+    completions = complete(model, modality, originals(modality, 2), ratio=0.5, batch_size=2, **sampling)
+    expected = grid([completion_row(modality.codec, c) for c in completions])
+    assert np.array_equal(pictures["samples/jpeg/ratio_0.50"], expected)
+    unconditional = complete(model, modality, num_samples=1, batch_size=1, **sampling)
+    expected = grid([[modality.codec.preview(c.decoded) for c in unconditional]])
+    assert np.array_equal(pictures["samples/jpeg/unconditional"], expected)
+
+
+class StopAt(L.Callback):
+    """Stops the run after ``step`` steps, as SlurmRequeue does before a requeue."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_before_max_steps_draws_no_final_gallery(tmp_path):
+    callback = SampleGallery(every_n_steps=100, num_prompts=1, ratios=(0.5,), num_unconditional=0, max_new_tokens=8)
+    fit(tmp_path, [callback, StopAt(2)], steps=10)  # a requeue's last seconds are not for sampling
+    assert not list((tmp_path / "run").rglob("samples/*.png"))
+    fit(tmp_path, [callback], steps=2, name="done")  # reaching max_steps draws one
+    assert len(list((tmp_path / "done").rglob("samples/*.png"))) == 1
+
+
+def test_callbacks_leave_training_bit_identical(tmp_path):
+    _, plain = fit(tmp_path, [], name="plain")
+    fid_callback = FIDCallback(
+        every_n_steps=2, num_samples=3, feature_extractor="small", max_new_tokens=20, batch_size=2
+    )
+    _, watched = fit(tmp_path, [gallery(), fid_callback], name="watched")
+    a, b = plain.state_dict(), watched.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert np.isfinite(fid_callback.last["fid/ratio_0.50"])
+    assert 0 <= fid_callback.last["fid/undecodable"] <= 3
+
+
+def test_fid_features_and_weights():
+    assert callbacks.SmallFeatures is SmallFeatures  # still importable from jpeglm.callbacks
+    features = SmallFeatures()(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert features.shape == (2, 240)
+    metric = fid_metric("small")
+    rng = np.random.default_rng(0)
+    same = torch.from_numpy(rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
+    metric.update(same, real=True)
+    metric.update(same, real=False)
+    assert abs(float(metric.compute())) < 1e-3  # identical sets
+    pictures = list(same.permute(0, 2, 3, 1).numpy())  # (H, W, 3) each
+    assert torch.equal(to_batch(pictures), same)
+    assert abs(fid(metric, pictures)) < 1e-3  # resets the fakes, keeps the reals
+    assert fid(metric, [p // 4 for p in pictures]) > 1  # darker
+    with pytest.raises(UserError, match="never downloads"):
+        fid_metric("inception", "/no/such/weights.pth")
+    with pytest.raises(UserError, match="local file"):
+        FIDCallback(feature_extractor="inception")
+    with pytest.raises(UserError, match="feature_extractor"):
+        fid_metric("vgg")

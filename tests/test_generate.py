@@ -1,0 +1,133 @@
+"""`jpeglm generate` (generate_samples) and `jpeglm evaluate` (evaluate) on a checkpoint of a tiny run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_run import fit
+
+from jpeglm import evaluate as evaluate_module
+from jpeglm import generate as generate_module
+from jpeglm.codecs import JpegCodec
+from jpeglm.errors import UserError
+from jpeglm.evaluate import evaluate
+from jpeglm.generate import generate_samples
+from jpeglm.tokenizer import CodecTokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    trainer, _ = fit(tmp, [], steps=3)
+    path = tmp / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
+    out = tmp_path / "samples"
+    records = generate_samples(
+        str(checkpoint),
+        str(out),
+        prompt_images=[str(photos[0].parent)],
+        ratio=0.5,
+        num_samples=3,
+        max_new_tokens=60,
+        batch_size=2,
+        progress=False,
+    )
+    written = json.loads((out / "samples.json").read_text())
+    assert written == {"checkpoint": str(checkpoint), "samples": records}
+    assert len(records) == 3
+    assert {"file", "prompt", "new_tokens", "complete", "fraction", "seed", "top_k", "top_p"} <= records[0].keys()
+    assert [r["seed"] for r in records] == [0, 0, 2]  # seed + index of the batch's first sample
+    assert [r["prompt"] for r in records] == [str(p) for p in photos[:3]]
+    for r in records:
+        with Image.open(out / r["file"]) as im:
+            im.load()
+            assert im.size == (64, 64)
+        assert 0 < r["new_tokens"] <= 60
+        assert r["ratio"] == 0.5
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.size == (3 * 64 + 2 * 4, 3 * 64 + 2 * 4)
+    share = np.mean([r["complete"] for r in records])
+    line = f"wrote 3 samples to {out} ({share:.0%} complete streams); see samples.json"
+    assert generate_module.summary(records) == line
+
+    records = generate_samples(
+        str(checkpoint), str(tmp_path / "uncond"), unconditional=True, num_samples=2, max_new_tokens=30, progress=False
+    )
+    assert len(list((tmp_path / "uncond").glob("sample_*.jpg"))) == 2
+    assert [(r["prompt"], r["ratio"], r["seed"]) for r in records] == [(None, None, 0)] * 2
+    with Image.open(tmp_path / "uncond" / "contact_sheet.png") as sheet:
+        assert sheet.size == (64, 2 * 64 + 4)  # one panel a row
+
+
+def test_generate_refuses_mistakes(checkpoint, photos, tmp_path):
+    for kwargs in ({}, {"prompt_images": [str(photos[0])], "unconditional": True}):
+        with pytest.raises(UserError, match="exactly one of them"):  # before the checkpoint is read
+            generate_samples("/no/such.ckpt", str(tmp_path / "o"), **kwargs)
+    other = CodecTokenizer.train([p.read_bytes() for p in photos], "jpeg", 280)
+    other.codec_spec = JpegCodec(size=64).spec
+    other.save(tmp_path / "tok")
+    with pytest.raises(UserError, match=r"^tokenizer .* is not the jpeg tokenizer this model was trained with"):
+        generate_samples(str(checkpoint), str(tmp_path / "o"), unconditional=True, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(UserError, match="cannot cut prompt 0 at ratio 1.5"):
+        generate_samples(str(checkpoint), str(tmp_path / "o"), prompt_images=[str(photos[0])], ratio=1.5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_writes_the_table(checkpoint, photos, tmp_path):
+    out = tmp_path / "eval"
+    rows = evaluate(
+        str(checkpoint),
+        [str(photos[0].parent)],
+        str(out),
+        ratios=[0.5],
+        seeds=2,
+        top_k=[40],
+        top_p=[0.9, 1.0],
+        feature_extractor="small",
+        batch_size=3,
+        progress=False,
+    )
+    written = json.loads((out / "results.json").read_text())
+    assert written["rows"] == [vars(r) for r in rows]
+    assert [(r["ratio"], r["top_k"], r["top_p"]) for r in written["rows"]] == [
+        (0.5, 40, 0.9),
+        (0.5, 40, 1.0),
+        (None, 40, 0.9),
+        (None, 40, 1.0),
+    ]
+    for r in rows:
+        assert np.isfinite(r.fid_mean)
+        assert r.fid_std >= 0
+        assert r.seeds == 2
+        assert r.images == len(photos)
+        assert 0 <= r.complete_share <= 1
+        assert r.tokens_per_s > 0
+    table = (out / "results.md").read_text()
+    assert "| 0.5 | 40 | 0.9 |" in table
+    assert "| unconditional | 40 | 1 |" in table
+    text = evaluate_module.summary(rows)
+    assert "| 0.5 | 40 | 0.9 |" in text
+    assert text.endswith("4 settings; see results.md and results.json")
+
+
+def test_evaluate_refuses_missing_inception_weights_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="never downloads"):
+        evaluate("/no/such.ckpt", ["/no/images"], str(tmp_path / "e"), inception_weights="/no/weights.pth")
+
+
+def test_the_commands_need_no_callbacks():
+    code = (
+        "import sys, jpeglm.generate, jpeglm.evaluate; "
+        "print(sorted(m for m in sys.modules if m.startswith('jpeglm.callbacks')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,194 @@
+"""complete(): the one completion pipeline (prompts, budget, mask, stop, batching, seeds, decoding), on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from media import PHOTOS, pan_frames
+
+from jpeglm.codecs import AvcCodec, DecodedImage, DecodedVideo
+from jpeglm.errors import UserError
+from jpeglm.generation import (
+    Completion,
+    codec_stop,
+    complete,
+    generate,
+    item_budget,
+    make_prompt,
+    sequence_bytes,
+    tokenizer_mask,
+)
+from jpeglm.model import CodecLM
+from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, CodecTokenizer
+from jpeglm.vocabulary import Modality
+
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_query_groups": 2, "intermediate_size": 172}
+
+
+def tiny_model(vocab_size: int, seq_len: int) -> CodecLM:
+    torch.manual_seed(0)
+    model = CodecLM(model_overrides=TINY, vocab_size=vocab_size, seq_len=seq_len)
+    model.configure_model()
+    return model
+
+
+@pytest.fixture(scope="module")
+def jpeg(jpeg_tokenizer) -> Modality:
+    return Modality("jpeg", jpeg_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def streams(jpeg_codec, jpeg_tokenizer, jpeg_streams) -> list[bytes]:
+    """Three streams whose prompts at ratio 0.25 differ in length."""
+    chosen = jpeg_streams[:3]
+    lengths = [len(jpeg_tokenizer.encode(jpeg_codec.prompt(s, 0.25))) for s in chosen]
+    assert len(set(lengths)) == 3
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def lm(jpeg_codec, jpeg_tokenizer, streams) -> CodecLM:
+    longest = max(len(make_prompt(jpeg_tokenizer, jpeg_codec.prompt(s, 0.25))) for s in streams)
+    return tiny_model(jpeg_tokenizer.num_ids, longest + 60)
+
+
+def expected_ids(lm, modality, prompts, batch_size, seed, max_new_tokens, **sampling) -> list[list[int]]:
+    """What generate() draws for ``prompts`` batch by batch, with the modality's mask and codec stop."""
+    tok, codec, offset = modality.tokenizer, modality.codec, modality.offset
+    allowed = tokenizer_mask(tok, lm.config.vocab_size, offset)
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        budget = min(max_new_tokens, lm.config.block_size - max(map(len, batch)))
+        stop = codec_stop(codec, tok, offset)
+        outputs += generate(lm.model, batch, budget, seed=seed + start, allowed=allowed, stop=stop, **sampling)
+    return outputs
+
+
+def check_fields(completion: Completion, modality: Modality) -> None:
+    """A completion's stream, decode and counts agree with its ids."""
+    tok, codec = modality.tokenizer, modality.codec
+    prompt_ids = make_prompt(tok, completion.prompt, modality.offset)
+    assert completion.ids[: len(prompt_ids)] == prompt_ids
+    assert completion.new_tokens == len(completion.ids) - len(prompt_ids)
+    assert completion.stream == sequence_bytes(completion.ids, tok, modality.offset, codec)
+    assert completion.stream.startswith(completion.prompt)
+    again = codec.decode(completion.stream)
+    assert (completion.complete, completion.fraction) == (again.complete, again.fraction)
+    assert completion.tokens_per_s > 0 or completion.new_tokens == 0
+
+
+def test_unconditional_samples_are_generate_batch_by_batch(lm, jpeg):
+    completions = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40)
+    prompts = [[BOS_ID, MODALITIES["jpeg"]]] * 3
+    assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 5, 30, top_k=40)
+    assert [c.seed for c in completions] == [5, 5, 7]  # seed + index of the batch's first sample
+    for c in completions:
+        assert (c.prompt, c.original) == (b"", None)
+        assert 0 < c.new_tokens <= 30
+        assert isinstance(c.decoded, DecodedImage)
+        check_fields(c, jpeg)
+    again = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40)
+    assert [c.ids for c in again] == [c.ids for c in completions]
+
+
+def test_prompts_of_different_lengths_batched(lm, jpeg, jpeg_codec, jpeg_tokenizer, streams):
+    sampling = {"temperature": 0.9, "top_k": 20, "top_p": 0.95}
+    completions = complete(lm, jpeg, streams, ratio=0.25, batch_size=2, seed=7, max_new_tokens=40, **sampling)
+    cuts = [jpeg_codec.prompt(s, 0.25) for s in streams]
+    prompts = [make_prompt(jpeg_tokenizer, cut) for cut in cuts]
+    assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 7, 40, **sampling)
+    assert [c.seed for c in completions] == [7, 7, 9]
+    assert [c.prompt for c in completions] == cuts
+    assert [c.original for c in completions] == streams
+    for c in completions:
+        check_fields(c, jpeg)
+        assert c.fraction >= jpeg_codec.decode(c.prompt).fraction > 0  # the prompt's MCUs stay
+    # Prompts given already cut: the same ids, and no original to show.
+    precut = complete(lm, jpeg, cuts, batch_size=2, seed=7, max_new_tokens=40, **sampling)
+    assert [c.ids for c in precut] == [c.ids for c in completions]
+    assert [c.original for c in precut] == [None] * 3
+
+
+def test_a_mixed_vocabulary_draws_only_the_modality_s_ids(jpeg_codec, jpeg_tokenizer, streams):
+    shifted = Modality("jpeg", jpeg_tokenizer, offset=100)
+    prompt = make_prompt(jpeg_tokenizer, jpeg_codec.prompt(streams[0], 0.25), 100)
+    model = tiny_model(jpeg_tokenizer.num_ids + 100, len(prompt) + 40)
+    [c] = complete(model, shifted, streams[:1], ratio=0.25, max_new_tokens=40, temperature=3.0, top_k=None)
+    assert c.ids[: len(prompt)] == prompt
+    assert all(108 <= i < jpeg_tokenizer.num_ids + 100 or i == EOS_ID for i in c.ids[len(prompt) :])
+    check_fields(c, shifted)
+
+
+def test_the_budget_is_bounded_by_the_context(jpeg, jpeg_codec, jpeg_tokenizer, streams):
+    lengths = [len(make_prompt(jpeg_tokenizer, jpeg_codec.prompt(s, 0.25))) for s in streams]
+    context = max(lengths) + 12
+    model = tiny_model(jpeg_tokenizer.num_ids, context)
+    calls = []
+    completions = complete(model, jpeg, streams, ratio=0.25, batch_size=2, on_progress=lambda *a: calls.append(a))
+    budgets = [context - max(lengths[:2])] * 2 + [context - lengths[2]]  # what each batch's longest prompt leaves
+    assert {total for _, total in calls} == {sum(budgets)}
+    done = [d for d, _ in calls]
+    assert done == sorted(done)
+    assert done[-1] == sum(budgets)  # unused budgets count as done when a batch ends: the bar ends full
+    for c, budget in zip(completions, budgets, strict=True):
+        assert c.new_tokens <= budget
+        assert len(c.ids) <= context
+    more = complete(model, jpeg, streams, ratio=0.25, batch_size=2, max_new_tokens=10**6)  # bounded the same
+    assert [c.ids for c in more] == [c.ids for c in completions]
+    small = tiny_model(jpeg_tokenizer.num_ids, min(lengths))
+    with pytest.raises(UserError, match="leaves no room in the model's context"):
+        complete(small, jpeg, streams[:1], ratio=0.25)
+
+
+def test_item_budget(jpeg, jpeg_tokenizer, streams):
+    longest = max(len(jpeg_tokenizer.encode(s)) for s in streams)
+    assert item_budget(jpeg, streams) == int(1.5 * longest) + 2
+    assert item_budget(jpeg, []) is None
+
+
+def test_mistakes_are_user_errors(lm, jpeg, streams):
+    mistakes = [
+        ({}, "num_samples"),
+        ({"num_samples": 2, "ratio": 0.5}, "needs prompts"),
+        ({"prompts": streams, "num_samples": 2}, "not both"),
+        ({"prompts": []}, "no prompts"),
+        ({"prompts": streams, "ratio": 1.5}, "cannot cut prompt 0 at ratio 1.5"),
+        ({"prompts": streams, "ratio": 0.01}, "keeps no FFD7"),
+        ({"num_samples": 1, "top_p": 0.0}, "top_p"),
+        ({"num_samples": 1, "top_k": 0}, "top_k"),
+        ({"num_samples": 1, "temperature": -1.0}, "temperature"),
+        ({"num_samples": 1, "batch_size": 0}, "batch_size"),
+        ({"num_samples": 1, "max_new_tokens": 0}, "max_new_tokens"),
+    ]
+    for kwargs, message in mistakes:
+        with pytest.raises(UserError, match=message):
+            complete(lm, jpeg, **kwargs)
+    text = Modality("text", CodecTokenizer.train([b"some words to learn from"], "text", 280))
+    with pytest.raises(UserError, match="no codec"):
+        complete(lm, text, num_samples=1)
+
+
+@pytest.fixture(scope="module")
+def avc() -> tuple[AvcCodec, list[bytes], Modality]:
+    """4-frame 16x16 clips (one slice a frame), and a tokenizer trained on them."""
+    codec = AvcCodec(width=16, height=16, fps=2, seconds=2)
+    streams = [codec.encode(np.stack(pan_frames(photo, 4, (24, 16)))) for photo in PHOTOS[:2]]
+    return codec, streams, Modality("avc", CodecTokenizer.train(streams, "avc", 300, codec_spec=codec.spec))
+
+
+def test_a_video_completion_keeps_whole_frames(avc):
+    codec, streams, modality = avc
+    longest = max(len(modality.tokenizer.encode(s)) for s in streams)
+    model = tiny_model(modality.tokenizer.num_ids, longest + 40)
+    completions = complete(model, modality, streams, ratio=0.5, max_new_tokens=30, seed=3)
+    cuts = [codec.prompt(s, frames=2) for s in streams]  # max(1, int(0.5 * 4)) whole frames
+    assert [c.prompt for c in completions] == cuts
+    prompts = [make_prompt(modality.tokenizer, cut) for cut in cuts]
+    assert [c.ids for c in completions] == expected_ids(model, modality, prompts, 8, 3, 30, top_k=40)
+    for c in completions:
+        check_fields(c, modality)
+        assert isinstance(c.decoded, DecodedVideo)
+        assert c.decoded.frames.shape == (4, 16, 16, 3)
+        assert c.fraction >= codec.decode(c.prompt).fraction > 0
