@@ -39,6 +39,7 @@ __all__ = [
     "combined_members",
     "combined_weights",
     "first_loop_iter",
+    "fsdp2_kept_unsharded",
     "installed_version",
     "load_distributed_checkpoint",
     "loader_workers",
@@ -129,6 +130,26 @@ CHECKED: dict[str, Checked] = {
         *_TORCH,
         "WRAPPED_PARAMETER_PARTS (parameter names jpeglm/export.py strips)",
         "nn.Module.compile() (in place, adds nothing to names); torch.compile(module) wraps",
+    ),
+    "torch.distributed.fsdp.FSDPModule._get_fsdp_state": Checked(
+        *_TORCH,
+        "jpeglm/generation/sampling.py gathered (via fsdp2_kept_unsharded)",
+        "none: FSDPModule.set_reshard_after_forward sets the setting but nothing reads it back",
+    ),
+    "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState._lazy_init": Checked(
+        *_TORCH,
+        "jpeglm/generation/sampling.py gathered (via fsdp2_kept_unsharded)",
+        "none: the root's first forward runs it",
+    ),
+    "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState._fsdp_param_groups": Checked(
+        *_TORCH,
+        "jpeglm/generation/sampling.py gathered (via fsdp2_kept_unsharded)",
+        "none: FSDPModule.set_reshard_after_forward sets the setting but nothing reads it back",
+    ),
+    "torch.distributed.fsdp._fully_shard._fsdp_param_group.FSDPParamGroup.post_forward_mesh_info": Checked(
+        *_TORCH,
+        "jpeglm/generation/sampling.py gathered (via fsdp2_kept_unsharded)",
+        "none: FSDPModule.set_reshard_after_forward sets the setting but nothing reads it back",
     ),
 }
 
@@ -328,6 +349,34 @@ def checkpoint_wrapper(module: Any, *args: Any, **kwargs: Any) -> Any:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
 
     return wrap(module, *args, **kwargs)
+
+
+@contextmanager
+def fsdp2_kept_unsharded(modules: list[Any]) -> Iterator[None]:
+    """While inside, the FSDP2 modules ``modules`` (the outermost first) keep their parameters gathered after
+    each forward; at exit each gets back its own ``reshard_after_forward`` setting.
+
+    FSDP2 decides after each forward whether to free a module's gathered parameters from its parameter groups'
+    ``post_forward_mesh_info`` (``FSDPParamGroup._reshard_after_forward`` is ``post_forward_mesh_info is not
+    None``; the root's is set to None by ``FSDPState._lazy_init`` when ``reshard_after_forward`` was left to
+    FSDP). This saves each group's value (read through ``FSDPModule._get_fsdp_state()._fsdp_param_groups``),
+    sets it to None and puts it back. ``FSDPState._lazy_init`` runs first, on the outermost module, as its first
+    forward would (a no-op once any forward ran), so the root's own value is the one saved.
+    ``FSDPModule.set_reshard_after_forward(False)`` would do the setting, but nothing public reads the previous
+    setting back, so it could not be restored (and it also turns off the root's automatic setting).
+    """
+    states = [module._get_fsdp_state() for module in modules]
+    if states:
+        states[0]._lazy_init()
+    groups = [group for state in states for group in state._fsdp_param_groups]
+    saved = [group.post_forward_mesh_info for group in groups]
+    for group in groups:
+        group.post_forward_mesh_info = None
+    try:
+        yield
+    finally:
+        for group, info in zip(groups, saved, strict=True):
+            group.post_forward_mesh_info = info
 
 
 #: Parts that training wrappers add to parameter names: torch's checkpoint wrapper (``_CHECKPOINT_WRAPPED_MODULE``)

@@ -162,6 +162,25 @@ def _checkpoint_prefix() -> bool:
     return wrapped_part == _compat.WRAPPED_PARAMETER_PARTS[0]
 
 
+def _fsdp2_state(name: str) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    if name == "_get_fsdp_state":
+        return hasattr(FSDPModule, name)
+    if name == "_fsdp_param_groups":  # an instance attribute, set in __init__
+        return "self._fsdp_param_groups" in inspect.getsource(FSDPState.__init__)
+    return hasattr(FSDPState, name)
+
+
+def _fsdp2_reshard_setting() -> bool:
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    # FSDP2 frees a group's gathered parameters after a forward exactly when post_forward_mesh_info is set.
+    setting = inspect.getattr_static(FSDPParamGroup, "_reshard_after_forward", None)
+    return isinstance(setting, property) and "post_forward_mesh_info is not None" in inspect.getsource(setting.fget)
+
+
 EXISTS = {
     "litdata.streaming.dataset._replay_sampling": lambda d: _module_attribute(
         "litdata.streaming.dataset", "_replay_sampling"
@@ -184,6 +203,14 @@ EXISTS = {
         _checkpoint_prefix()
     ),
     "torch._dynamo.eval_frame.OptimizedModule._orig_mod": lambda d: _compiled_prefix(),
+    "torch.distributed.fsdp.FSDPModule._get_fsdp_state": lambda d: _fsdp2_state("_get_fsdp_state"),
+    "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState._lazy_init": lambda d: _fsdp2_state("_lazy_init"),
+    "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState._fsdp_param_groups": lambda d: _fsdp2_state(
+        "_fsdp_param_groups"
+    ),
+    "torch.distributed.fsdp._fully_shard._fsdp_param_group.FSDPParamGroup.post_forward_mesh_info": lambda d: (
+        _fsdp2_reshard_setting()
+    ),
 }
 
 

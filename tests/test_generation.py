@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -288,41 +287,48 @@ def test_a_random_model_completes_a_real_jpeg_prompt_into_a_decodable_image(jpeg
     assert jpeg_codec.decode(sequence_bytes(outputs[0], jpeg_tokenizer)).fraction >= 0.25  # the prompt's MCUs
 
 
-# ---------------------------------------------------------------------- FSDP2
+# ---------------------------------------------------------------------- KV cache dtype and size
+# FSDP2 (one all-gather per generate call, a bf16 MixedPrecisionPolicy) is tested in tests/test_fsdp_sampling.py.
 
 
-def _fsdp_worker(rank: int, path: str, port: int) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def spy_on_kv_cache(gpt) -> list[torch.dtype]:
+    """The dtype of each KV cache ``gpt`` allocates from now on, as allocated (litgpt's cache converts itself
+    to the dtype of the first keys written into it, so looking later would not tell)."""
+    allocated = []
+    real = gpt.set_kv_cache
 
-    from jpeglm.model import shard_fsdp2
+    def spy(*args, **kwargs):
+        real(*args, **kwargs)
+        allocated.append(gpt.transformer.h[0].attn.kv_cache.k.dtype)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    gpt.set_kv_cache = spy
+    return allocated
+
+
+def test_the_kv_cache_is_allocated_in_the_compute_dtype(model):
+    allocated = spy_on_kv_cache(model.model)
     try:
-        model = tiny_model()
-        expected = generate(model, PROMPTS, 20, seed=1)
-        shard_fsdp2(model.model, init_device_mesh("cpu", (2,)))
-        model.train()
-        outputs = [generate(model, PROMPTS, 20, seed=1, use_kv_cache=kv) for kv in (True, False)]
-        model(torch.tensor([PROMPTS[0]])).sum().backward()  # training goes on after sampling
-        torch.save({"expected": expected, "outputs": outputs, "training": model.training}, f"{path}.{rank}")
+        generate(model, PROMPTS, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            generate(model, PROMPTS, 3)
     finally:
-        dist.destroy_process_group()
+        del model.model.set_kv_cache
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    allocated_half = spy_on_kv_cache(half.model)
+    generate(half, PROMPTS, 3)
+    assert allocated == [torch.float32, torch.bfloat16]  # fp32 weights: fp32, under bf16 autocast: bf16
+    assert allocated_half == [torch.bfloat16]
+    assert sampling.compute_dtype(model.model) == torch.float32
 
 
-@pytest.mark.slow
-def test_every_rank_of_an_fsdp2_model_draws_the_same_ids(tmp_path):
-    import socket
+def test_kv_cache_bytes_is_the_allocated_cache():
+    from litgpt import GPT, Config
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "out"), port), nprocs=2)
-    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
-    for result in results:
-        assert result["outputs"] == [result["expected"]] * 2
-        assert result["training"]
-    assert results[0]["outputs"] == results[1]["outputs"]
+    config = Config(n_layer=3, n_embd=64, n_head=4, n_query_groups=2, vocab_size=40, block_size=64)  # grouped
+    gpt = GPT(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        gpt.set_kv_cache(batch_size=3, max_seq_length=50, dtype=dtype)
+        caches = [block.attn.kv_cache for block in gpt.transformer.h]
+        allocated = sum(t.numel() * t.element_size() for cache in caches for t in (cache.k, cache.v))
+        assert sampling.kv_cache_bytes(config, 3, 50, dtype) == allocated
+    assert sampling.kv_cache_bytes(config, 3, 50, torch.bfloat16) == 2 * 3 * 3 * 2 * 50 * 16 * 2
