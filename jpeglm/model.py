@@ -8,6 +8,9 @@ it adds around litgpt's ``GPT``:
   activation checkpointing and compiled per block, then sharded with FSDP2 ``fully_shard`` per
   transformer block and at the root (:func:`shard_fsdp2`); Lightning materialises the shards and
   calls each module's ``reset_parameters``, which is where the initialisation below happens.
+- bf16 the FSDP2 way (``fsdp_mixed_precision="bf16"``, the 7B recipes): FSDP2's ``MixedPrecisionPolicy`` gathers
+  and computes with bf16 weights, reduces gradients in fp32 and keeps fp32 master weights and optimizer state;
+  the Trainer then runs at ``32-true``, with no autocast on top (:func:`fsdp_mixed_precision_policy`).
 - Initialisation (from scratch, no pretrained weights): litgpt's pretraining init, GPT-NeoX style
   (arXiv 2204.06745): embeddings and linear layers ~ N(0, sqrt(2 / (5 d))), the output projections
   of attention and MLP ~ N(0, 1 / (sqrt(d) n_layer)), biases zero, norms one.
@@ -27,7 +30,7 @@ import inspect
 import math
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -62,6 +65,19 @@ class CodecLM(L.LightningModule):
         activation_checkpointing: recompute each transformer block in the backward pass to save memory.
         compile: ``torch.compile`` each transformer block.
         max_bad_steps: stop after this many non-finite losses in a row.
+        fsdp_mixed_precision: "bf16": FSDP2 all-gathers the weights in bf16 and every block computes with them
+            in bf16, gradients are reduced in fp32, and the master weights and AdamW state stay fp32
+            (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` on every ``fully_shard``,
+            torchtitan's default). It needs Lightning's ``ModelParallelStrategy`` and ``trainer.precision:
+            32-true``, so that nothing casts twice: ``bf16-mixed`` autocast would cast the already-bf16 weights
+            and activations again, and ``bf16-true`` would make the master weights bf16; other combinations
+            are refused with a UserError. "none": FSDP2 moves and uses fp32 weights, and bf16 can come only from
+            the Trainer's ``bf16-mixed`` autocast. A model built outside a Trainer (sampling, export) is not
+            sharded and ignores this setting.
+        float8: the transformer blocks' Linear layers compute in float8 (torchao's ``convert_to_float8_training``,
+            tensorwise scales, float8 all-gathers under FSDP2; embedding and head stay as they are). Needs
+            ``pip install torchao`` and an NVIDIA GPU with float8 (compute capability 8.9+: L4, L40S, H100,
+            H200); fast with ``compile: true``. Like ``fsdp_mixed_precision``, ignored outside a Trainer.
     """
 
     def __init__(
@@ -79,6 +95,8 @@ class CodecLM(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         max_bad_steps: int = 10,
+        fsdp_mixed_precision: Literal["none", "bf16"] = "none",
+        float8: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,7 +122,10 @@ class CodecLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again, e.g. when testing after fitting
             return
+        policy = self._fsdp_policy()  # refuses a wrong combination before anything is built
         model = GPT(self.config)
+        if self.hparams.float8 and self._trainer_or_none() is not None:  # before set_init: it swaps the Linears
+            convert_float8(model, self.trainer.strategy.root_device)
         set_init(model, self.config)
         if not any(p.is_meta for p in model.parameters()):
             reset_parameters(model)  # meta tensors are initialised when the strategy materialises them
@@ -114,9 +135,27 @@ class CodecLM(L.LightningModule):
             for block in model.transformer.h:
                 block.compile()
         if self.device_mesh is not None:  # ModelParallelStrategy
-            shard_fsdp2(model, self.device_mesh["data_parallel"])
+            shard_fsdp2(model, self.device_mesh["data_parallel"], policy)
         self.model = model
         self.flops_per_batch = None  # set from the first batch (it depends on the micro-batch size)
+
+    def _fsdp_policy(self) -> Any:
+        """The FSDP2 mixed-precision policy ``fsdp_mixed_precision`` asks for; None for FSDP2's fp32 default.
+
+        Checked only under a Trainer: a model built for sampling or export has no Trainer and is not sharded.
+        """
+        trainer = self._trainer_or_none()
+        if self.hparams.fsdp_mixed_precision == "none" or trainer is None:
+            return None
+        return fsdp_mixed_precision_policy(
+            self.hparams.fsdp_mixed_precision, fsdp2=self.device_mesh is not None, precision=trainer.precision
+        )
+
+    def _trainer_or_none(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer: built for sampling or export
+            return None
 
     def setup(self, stage: str) -> None:
         # The one channel from the data to the model (docs/architecture.md): what the ids mean, and their bytes.
@@ -294,13 +333,72 @@ def checkpoint_blocks(model: GPT) -> None:
         model.transformer.h[i] = checkpoint_wrapper(block)
 
 
-def shard_fsdp2(model: GPT, mesh: Any) -> None:
-    """FSDP2: shard every transformer block, then the root (embedding, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
+def shard_fsdp2(model: GPT, mesh: Any, policy: Any = None) -> None:
+    """FSDP2: shard every transformer block, then the root (embedding, final norm, head), all under ``policy``.
 
+    ``policy`` is a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (None: FSDP2's default, fp32 throughout).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = policy or MixedPrecisionPolicy()
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def fsdp_mixed_precision_policy(setting: str, fsdp2: bool, precision: str) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for ``CodecLM(fsdp_mixed_precision=setting)``; None for "none".
+
+    Args:
+        setting: "none" or "bf16" (see :class:`CodecLM`).
+        fsdp2: whether the model is sharded with FSDP2 (Lightning's ``ModelParallelStrategy``).
+        precision: the Trainer's precision, e.g. "32-true".
+
+    Raises:
+        UserError: the policy without ``ModelParallelStrategy`` (nothing would apply it), or with a Trainer
+            precision other than 32-true (autocast would cast again; bf16-true would make the master weights bf16).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if setting == "none":
+        return None
+    if not fsdp2:
+        raise UserError(
+            f"model.fsdp_mixed_precision={setting} is FSDP2's mixed-precision policy and needs trainer.strategy "
+            "lightning.pytorch.strategies.ModelParallelStrategy; with another strategy set model.fsdp_mixed_precision "
+            "to none and trainer.precision to bf16-mixed"
+        )
+    if str(precision) != "32-true":
+        raise UserError(
+            f"model.fsdp_mixed_precision={setting} needs trainer.precision 32-true, not {precision}: the policy "
+            "already gathers and computes in bf16 with fp32 master weights; bf16-mixed autocast would cast again "
+            "and bf16-true would make the master weights bf16"
+        )
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def convert_float8(model: GPT, device: torch.device) -> None:
+    """torchao float8 training for every Linear of the transformer blocks (see ``CodecLM``'s ``float8``).
+
+    Raises:
+        UserError: torchao is not installed, or ``device`` is not an NVIDIA GPU with float8 matmuls.
+    """
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserError("model.float8 needs torchao: pip install torchao (or set model.float8 to false)") from None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise UserError(
+            f"model.float8 needs an NVIDIA GPU with float8 matmuls (compute capability 8.9+: L4, L40S, H100, "
+            f"H200), not {name}; set model.float8 to false"
+        )
+
+    def blocks_only(module: nn.Module, name: str) -> bool:  # float8 matmuls need dimensions divisible by 16
+        return name.startswith("transformer.h.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    convert_to_float8_training(model, config=config, module_filter_fn=blocks_only)
 
 
 def model_config(model_name: str, vocab_size: int, overrides: dict[str, Any] | None = None) -> Config:

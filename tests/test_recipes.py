@@ -63,6 +63,14 @@ def test_7b_budget_comments_match_the_settings():
         assert t.strategy.init_args.data_parallel_size == t.num_nodes * t.devices
 
 
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_7b_recipes_use_bf16_the_fsdp2_way(name):
+    config = parse(Path(RECIPES[0]).parent / name)
+    assert config.trainer.strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert config.model.fsdp_mixed_precision == "bf16"  # FSDP2's MixedPrecisionPolicy: bf16 gathers and compute
+    assert config.trainer.precision == "32-true"  # and no autocast on top of it (jpeglm fit refuses bf16-mixed)
+
+
 def test_print_config_round_trips(tmp_path):
     recipe = Path(RECIPES[0]).parent / "jpeg_tiny.yaml"
     command = [sys.executable, "-m", "jpeglm.cli", "fit", "--config"]
