@@ -1,33 +1,48 @@
-"""Sampling speed: litgpt's KV cache vs recomputing the whole forward at every step, same model and seed.
+"""Sampling speed on CPU: jpeglm's KV-cache loop vs recomputing every step, and vs Hugging Face ``generate``.
 
-Both sides sample ``--new-tokens`` ids (seeded top-k sampling, no eos) from an unconditional JPEG prompt
-``[bos, image]`` with :func:`jpeglm.generation.generate`; only ``use_kv_cache`` differs, and the ids must
-be identical. Recomputation costs a forward over the whole sequence per step (quadratic in the length),
-the cache one token per step. Then batch 1 vs batch ``--batch`` with the cache. Target: cache >= 10x.
+One run, one model (saved as a jpeglm checkpoint, then loaded both ways from it):
 
-The default model (4 layers, d=128, 4 heads, SwiGLU 512, vocab 328 as the paper's JPEG tokenizer,
-1.15M parameters, context ``--new-tokens + 2``) keeps the whole run to about two minutes on one CPU
-thread (measured: 28.5x, recompute 100 s of it). One thread by default: on a 2-core machine shared with
-other jobs, two OpenMP threads per process slowed single runs down tenfold or more at random (threads
-wait on each other for a busy core), which made the ratio noise. ``--threads 2`` on an idle machine:
-23.5x in 80 s (the recompute baseline gains more from the second thread than the cached steps do).
+1. KV cache vs recompute (batch 1): both sample ``--new-tokens`` ids (seeded top-k, no eos) from an unconditional
+   JPEG prompt ``[bos, image]`` with :func:`jpeglm.generation.generate`; only ``use_kv_cache`` differs and the
+   ids must be identical. Recomputation costs a forward over the whole sequence per step (quadratic in the
+   length), the cache one token per step. Target: cache >= 10x. ``--no-recompute`` skips it.
+2. jpeglm vs Hugging Face (batch ``--batch``): the checkpoint exported with ``jpeglm.export.export(...,
+   format="hf")`` and loaded with ``transformers.LlamaForCausalLM.from_pretrained`` (fp32, its default
+   attention and cache), both greedy (temperature 0) on the same ``--batch`` prompts of ``--prompt`` ids
+   (``[bos, image]`` and random JPEG ids: equal lengths, so Hugging Face needs no padding), ``--new-tokens``
+   each, no eos (Hugging Face's ``eos_token_id`` unset) and never the head's padding ids (jpeglm draws only
+   below ``vocab_size``; Hugging Face gets them as ``suppress_tokens``). The ids must be identical. Target:
+   jpeglm >= 2x Hugging Face's tokens/s.
 
-    python benchmarks/bench_generate.py [--new-tokens 2048] [--layers 4] [--dim 128] [--batch 8] [--threads 1]
+The default model (4 layers, d=128, 4 heads, SwiGLU 512, vocab 328 as the paper's JPEG tokenizer, 1.15M
+parameters) and 1024 new tokens keep the whole run under two minutes on one CPU thread. One thread by default:
+on a 2-core machine shared with other jobs, two OpenMP threads per process slowed single runs down tenfold or
+more at random (threads wait on each other for a busy core), which made the ratios noise.
+
+    python benchmarks/bench_generate.py [--new-tokens 1024] [--prompt 16] [--batch 8] [--layers 4] [--dim 128]
+        [--threads 1] [--no-recompute]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from jpeglm.checkpoints import load_model
+from jpeglm.export import export
 from jpeglm.generation import generate
 from jpeglm.model import CodecLM
-from jpeglm.tokenizer import BOS_ID, MODALITIES
+from jpeglm.tokenizer import BOS_ID, MODALITIES, NUM_SPECIAL, CodecTokenizer
+from jpeglm.vocabulary import Modality, to_records
 
 
-def build(layers: int, dim: int, heads: int, vocab: int, context: int) -> CodecLM:
+def save_checkpoint(path: Path, layers: int, dim: int, heads: int, vocab: int, context: int) -> None:
+    """A jpeglm checkpoint of a freshly initialised model (with a tokenizer record, as export needs one)."""
     torch.manual_seed(0)
     overrides = {
         "n_layer": layers,
@@ -38,52 +53,101 @@ def build(layers: int, dim: int, heads: int, vocab: int, context: int) -> CodecL
     }
     model = CodecLM(model_overrides=overrides, vocab_size=vocab, seq_len=context)
     model.configure_model()
-    return model
+    tokenizer = CodecTokenizer.train([bytes(range(256)) * 4], "jpeg", 280)
+    vocabulary = to_records([Modality("jpeg", tokenizer)])
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "jpeglm_vocabulary": vocabulary},
+        path,
+    )
 
 
-def timed(model: CodecLM, batch: int, new_tokens: int, use_kv_cache: bool) -> tuple[list[list[int]], float]:
-    """The ids sampled for ``batch`` unconditional prompts, and the seconds it took."""
-    prompts = [[BOS_ID, MODALITIES["jpeg"]]] * batch
+def timed(run: Callable[[], list[list[int]]]) -> tuple[list[list[int]], float]:
     start = time.perf_counter()
-    ids = generate(model, prompts, new_tokens, top_k=40, seed=0, eos_id=None, use_kv_cache=use_kv_cache)
+    ids = run()
     return ids, time.perf_counter() - start
+
+
+def jpeglm_greedy(model: CodecLM, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    return generate(model, prompts, new_tokens, temperature=0, eos_id=None)
+
+
+def hf_greedy(hf, prompts: list[list[int]], new_tokens: int, vocab: int) -> list[list[int]]:
+    ids = torch.tensor(prompts)  # (B, P): equal lengths, no padding
+    with torch.inference_mode():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            suppress_tokens=list(range(vocab, hf.config.vocab_size)),  # the head's padding rows are no ids
+        )
+    return out.tolist()
+
+
+def recompute_rows(model: CodecLM, new_tokens: int) -> list[tuple[str, float, float]]:
+    """KV cache vs recompute at batch 1 (seeded top-k): the same ids, and each one's (name, tokens/s, seconds)."""
+    prompt = [[BOS_ID, MODALITIES["jpeg"]]]
+    sample = {"top_k": 40, "seed": 0, "eos_id": None}
+    cached, t_cached = timed(lambda: generate(model, prompt, new_tokens, use_kv_cache=True, **sample))
+    full, t_full = timed(lambda: generate(model, prompt, new_tokens, use_kv_cache=False, **sample))
+    assert cached == full, "the KV cache changed the sampled ids"
+    return [("recompute, batch 1", new_tokens / t_full, t_full), ("KV cache, batch 1", new_tokens / t_cached, t_cached)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=1024)
+    parser.add_argument("--prompt", type=int, default=16, help="ids per prompt of the jpeglm vs HF comparison")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=328)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (see the module docstring)")
+    parser.add_argument("--no-recompute", action="store_true", help="skip the KV cache vs recompute baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    n = args.new_tokens
-    model = build(args.layers, args.dim, args.heads, args.vocab, context=n + 2)
+    from transformers import LlamaForCausalLM
+
+    n, batch = args.new_tokens, args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model.ckpt"
+        save_checkpoint(checkpoint, args.layers, args.dim, args.heads, args.vocab, context=args.prompt + n)
+        model, _ = load_model(checkpoint, "cpu")  # fp32 on CPU
+        hf = LlamaForCausalLM.from_pretrained(export(checkpoint, Path(tmp) / "hf", "hf"), dtype=torch.float32)
+    hf.eval().generation_config.eos_token_id = None  # no id ends a sequence, as eos_id=None on jpeglm's side
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {args.layers} layers, d={args.dim}, {args.heads} heads, vocab {args.vocab}, {params / 1e6:.2f}M "
-        f"parameters; {n} new tokens from [bos, image], top-k 40, seed 0; {torch.get_num_threads()} CPU threads"
+        f"parameters, fp32; {n} new tokens; {torch.get_num_threads()} CPU threads"
     )
-    timed(model, 1, 32, use_kv_cache=True)  # warm-up
+    generator = torch.Generator().manual_seed(0)
+    jpeg_ids = torch.randint(NUM_SPECIAL, args.vocab, (batch, args.prompt - 2), generator=generator)
+    prompts = [[BOS_ID, MODALITIES["jpeg"], *row] for row in jpeg_ids.tolist()]
+    jpeglm_greedy(model, prompts, 16)  # warm-up, both sides
+    hf_greedy(hf, prompts, 16, args.vocab)
 
-    cached, t_cached = timed(model, 1, n, use_kv_cache=True)
-    full, t_full = timed(model, 1, n, use_kv_cache=False)
-    assert cached == full, "the KV cache changed the sampled ids"
-    batched, t_batched = timed(model, args.batch, n, use_kv_cache=True)
-    assert all(len(ids) == n + 2 for ids in batched)
-
-    rows = [
-        ("recompute, batch 1", n / t_full, t_full),
-        ("KV cache, batch 1", n / t_cached, t_cached),
-        (f"KV cache, batch {args.batch}", args.batch * n / t_batched, t_batched),
+    rows = [] if args.no_recompute else recompute_rows(model, n)
+    ours, t_ours = timed(lambda: jpeglm_greedy(model, prompts, n))
+    theirs, t_theirs = timed(lambda: hf_greedy(hf, prompts, n, args.vocab))
+    assert all(len(ids) == args.prompt + n for ids in ours + theirs)
+    assert ours == theirs, "jpeglm and Hugging Face generate wrote different ids"
+    rows += [
+        (f"jpeglm, batch {batch}", batch * n / t_ours, t_ours),
+        (f"HF generate, batch {batch}", batch * n / t_theirs, t_theirs),
     ]
     for name, rate, seconds in rows:
-        print(f"{name:<20} {rate:10.1f} tokens/s  ({seconds:.1f} s)")
-    print(f"KV cache vs recompute (batch 1): {t_full / t_cached:.1f}x  (target >= 10x); ids identical")
-    print(f"batch {args.batch} vs batch 1 (KV cache): {rows[2][1] / rows[1][1]:.1f}x tokens/s")
+        print(f"{name:<22} {rate:10.1f} tokens/s  ({seconds:.1f} s)")
+    if not args.no_recompute:
+        print(
+            f"KV cache vs recompute (batch 1, top-k 40): {rows[1][1] / rows[0][1]:.1f}x  (target >= 10x); ids identical"
+        )
+    print(
+        f"jpeglm vs HF generate (batch {batch}, greedy, {args.prompt}-id prompts): {t_theirs / t_ours:.1f}x tokens/s "
+        "(target >= 2x)"
+    )
+    print("ids identical: yes")
 
 
 if __name__ == "__main__":

@@ -123,12 +123,12 @@ CHECKED: dict[str, Checked] = {
     ),
     "torch.distributed.algorithms._checkpoint.checkpoint_wrapper._CHECKPOINT_WRAPPED_MODULE": Checked(
         *_TORCH,
-        "WRAPPED_PARAMETER_PARTS (parameter names jpeglm/export.py strips)",
+        "WRAPPED_PARAMETER_PARTS (parameter names jpeglm/checkpoints.py (unwrapped_name) strips)",
         "none: the name of the wrapped module in parameter names",
     ),
     "torch._dynamo.eval_frame.OptimizedModule._orig_mod": Checked(
         *_TORCH,
-        "WRAPPED_PARAMETER_PARTS (parameter names jpeglm/export.py strips)",
+        "WRAPPED_PARAMETER_PARTS (parameter names jpeglm/checkpoints.py (unwrapped_name) strips)",
         "nn.Module.compile() (in place, adds nothing to names); torch.compile(module) wraps",
     ),
     "torch.distributed.fsdp.FSDPModule._get_fsdp_state": Checked(
@@ -380,5 +380,5 @@ def fsdp2_kept_unsharded(modules: list[Any]) -> Iterator[None]:
 
 
 #: Parts that training wrappers add to parameter names: torch's checkpoint wrapper (``_CHECKPOINT_WRAPPED_MODULE``)
-#: and ``torch.compile(module)``'s ``OptimizedModule._orig_mod``. jpeglm/export.py strips them.
+#: and ``torch.compile(module)``'s ``OptimizedModule._orig_mod``; jpeglm/checkpoints.py (unwrapped_name) strips them.
 WRAPPED_PARAMETER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod")

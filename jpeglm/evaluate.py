@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jpeglm.checkpoints import load_model
+from jpeglm.checkpoints import Precision, load_model, precision_of
 from jpeglm.errors import UserError
 from jpeglm.fid import fid, fid_metric, to_batch
 from jpeglm.generation import complete, item_budget
@@ -76,6 +76,7 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     device: str | None = None,
+    precision: Precision | None = None,
     progress: bool = True,
 ) -> list[Row]:
     """Run the paper's FID protocol on a folder of images and write results.json and results.md.
@@ -95,6 +96,7 @@ def evaluate(
         batch_size: Completions sampled at once.
         max_new_tokens: New tokens per completion (default: 1.5x the longest image, within the context).
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
+        precision: The model's weights in bf16 or fp32 (default: bf16 on a CUDA device, fp32 on CPU).
         progress: Show a progress bar.
 
     Returns:
@@ -103,7 +105,8 @@ def evaluate(
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
     metric = fid_metric(feature_extractor, inception_weights)  # a missing weights file fails before any work
-    model, modalities = load_model(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, modalities = load_model(checkpoint, device, precision)
     modality = pick_modality(modalities, "jpeg")
     streams, reals = _originals(modality, images, num_images)
     metric.update(to_batch(reals), real=True)
@@ -113,7 +116,8 @@ def evaluate(
     with tqdm(total=len(settings) * seeds * len(streams), desc="evaluate", unit="sample", disable=not progress) as bar:
         run = _Run(model, modality, metric, streams, seeds, batch_size, budget, bar)
         rows = [_evaluate_setting(run, *setting) for setting in settings]
-    _write(Path(output), rows, {"checkpoint": str(checkpoint), "feature_extractor": feature_extractor})
+    meta = {"checkpoint": str(checkpoint), "feature_extractor": feature_extractor, "precision": precision_of(model)}
+    _write(Path(output), rows, meta)
     return rows
 
 

@@ -10,6 +10,9 @@ one subdirectory per modality otherwise) and ``jpeglm_sources.json`` with the mo
 - ``litgpt``: ``lit_model.pth`` (the ``GPT`` state dict) and ``model_config.yaml``, which litgpt's
   scripts (``litgpt generate``, ``litgpt convert_from_litgpt``, ...) read.
 
+The weights keep the checkpoint's dtype unless ``precision`` asks for bf16 or fp32; they are read one tensor at
+a time in that dtype (:func:`jpeglm.checkpoints.open_checkpoint`), never the optimizer state.
+
 The vocabulary is exported padded (``padded_vocab_size`` rows, a multiple of 64): the extra ids are
 never produced by the tokenizers, and keeping them keeps the weights bit-identical.
 """
@@ -17,7 +20,6 @@ never produced by the tokenizers, and keeping them keeps the weights bit-identic
 from __future__ import annotations
 
 import json
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,15 +28,13 @@ import torch
 from litgpt import Config
 from tokenizers import Tokenizer
 
-from jpeglm.checkpoints import load_checkpoint
+from jpeglm.checkpoints import Precision, inference_dtype, open_checkpoint, unwrapped_name
 from jpeglm.errors import UserError
 from jpeglm.tokenizer import CodecTokenizer
 from jpeglm.vocabulary import records_in
 
 ExportFormat = Literal["hf", "litgpt"]
 FORMATS = typing.get_args(ExportFormat)
-# Wrappers that training may leave in parameter names (activation checkpointing, torch.compile).
-_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 # litgpt Config fields that a Hugging Face Llama cannot express, with the value a Llama has.
 _LLAMA_SHAPE = {
     "mlp_class_name": "LLaMAMLP",
@@ -56,7 +56,9 @@ _LLAMA_SHAPE = {
 }
 
 
-def export(checkpoint: str | Path, output: str | Path, format: ExportFormat = "hf") -> Path:
+def export(
+    checkpoint: str | Path, output: str | Path, format: ExportFormat = "hf", precision: Precision | None = None
+) -> Path:
     """Write a CodecLM checkpoint (a single file or an FSDP2 sharded directory) as an export directory.
 
     Args:
@@ -64,25 +66,27 @@ def export(checkpoint: str | Path, output: str | Path, format: ExportFormat = "h
         output: the directory to write; it must not exist or be empty.
         format: hf (a Hugging Face Llama: config.json, model.safetensors) or litgpt (lit_model.pth,
             model_config.yaml).
+        precision: the exported weights' dtype, bf16 or fp32 (default: as stored in the checkpoint).
 
     Raises:
-        UserError: an unknown format, an ``output`` that exists and is not empty, a checkpoint without
-            jpeglm's hyperparameters and tokenizers, or (for "hf") a model shape that a Hugging Face Llama
-            cannot represent.
+        UserError: an unknown format or precision, an ``output`` that exists and is not empty, a checkpoint
+            without jpeglm's hyperparameters and tokenizers, or (for "hf") a model shape that a Hugging Face
+            Llama cannot represent.
     """
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of {FORMATS}")
+    dtype = None if precision is None else inference_dtype(precision, "cpu")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output} exists and is not empty; choose another --output")
-    ckpt = load_checkpoint(checkpoint)
-    records = records_in(ckpt)
-    if "hyper_parameters" not in ckpt or not records:
+    meta, read = open_checkpoint(checkpoint)  # the weights are read below, one tensor at a time, in `dtype`
+    records = records_in(meta)
+    if "hyper_parameters" not in meta or not records:
         raise UserError(f"{checkpoint} is not a jpeglm CodecLM checkpoint (no hyperparameters or tokenizer records)")
-    config = litgpt_config(ckpt["hyper_parameters"])
-    weights = litgpt_state_dict(ckpt["state_dict"])
+    config = litgpt_config(meta["hyper_parameters"])
     if format == "hf":
         check_llama_shape(config)
+    weights = litgpt_state_dict(read(dtype, "cpu"))
     output.mkdir(parents=True, exist_ok=True)
     if format == "hf":
         write_hf(config, weights, output)
@@ -101,7 +105,8 @@ def litgpt_config(hyper_parameters: dict[str, Any]) -> Config:
 
 def litgpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CodecLM's ``model.<litgpt key>`` tensors as a plain litgpt ``GPT`` state dict."""
-    weights = {_WRAPPERS.sub("", k.removeprefix("model.")): v for k, v in state_dict.items() if k.startswith("model.")}
+    names = {unwrapped_name(k): v for k, v in state_dict.items()}  # no activation-checkpointing or compile parts
+    weights = {k.removeprefix("model."): v for k, v in names.items() if k.startswith("model.")}
     if not weights:
         raise UserError("the checkpoint holds no CodecLM weights (no `model.*` keys in its state_dict)")
     return weights

@@ -9,12 +9,14 @@ Written to ``output``:
   and valid it is that stream made standalone; otherwise the best-effort decode (grey where the stream broke)
   saved as an ordinary file, so every file opens.
 - ``contact_sheet.png``: one row per sample, ``prompt | completion | original``.
-- ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, seed and settings.
+- ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, seed, settings and
+  the precision of the weights.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from jpeglm.checkpoints import check_tokenizer, load_model
+from jpeglm.checkpoints import Precision, check_tokenizer, load_model, precision_of
 from jpeglm.errors import UserError
 from jpeglm.generation import Completion, complete
 from jpeglm.inputs import encode_input, find_inputs
@@ -47,6 +49,7 @@ def generate_samples(
     modality: str | None = None,
     tokenizer: str | None = None,
     device: str | None = None,
+    precision: Precision | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Sample images or videos from a checkpoint into files, a contact sheet and samples.json.
@@ -67,28 +70,22 @@ def generate_samples(
         modality: Which modality of a model trained on several to sample, jpeg or avc (default: its first).
         tokenizer: A tokenizer directory to check against the one the checkpoint was trained with.
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
+        precision: The model's weights in bf16 or fp32 (default: bf16 on a CUDA device, fp32 on CPU).
         progress: Show a progress bar.
 
     Returns:
         One record per sample, as written to samples.json.
     """
     _check_request(prompt_images, unconditional, num_samples)
-    model, chosen = _load(checkpoint, device, tokenizer, modality)
+    model, chosen = _load(checkpoint, device, precision, tokenizer, modality)
     names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
     settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+    run = {"num_samples": None if streams else num_samples, "seed": seed, "batch_size": batch_size}
     with tqdm(desc="generate", unit="tok", disable=not progress) as bar:
         completions = complete(
-            model,
-            chosen,
-            streams,
-            num_samples=None if streams else num_samples,
-            seed=seed,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            on_progress=lambda done, total: _advance(bar, done, total),
-            **settings,
+            model, chosen, streams, max_new_tokens=max_new_tokens, on_progress=partial(_advance, bar), **run, **settings
         )
-    meta = {"checkpoint": str(checkpoint), **settings}
+    meta = {"checkpoint": str(checkpoint), **settings, "precision": precision_of(model)}
     return _write(Path(output), chosen, completions, names or [None] * len(completions), meta)
 
 
@@ -106,9 +103,12 @@ def _check_request(prompt_images: list[str] | None, unconditional: bool, num_sam
         raise UserError(f"num_samples must be at least 1, got {num_samples}")
 
 
-def _load(checkpoint: str, device: str | None, tokenizer: str | None, modality: str | None) -> tuple[Any, Modality]:
-    """The model and the modality to sample, once a given tokenizer is known to be the checkpoint's."""
-    model, modalities = load_model(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _load(
+    checkpoint: str, device: str | None, precision: Precision | None, tokenizer: str | None, modality: str | None
+) -> tuple[Any, Modality]:
+    """The model (built for inference) and the modality to sample, once a given tokenizer is the checkpoint's."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, modalities = load_model(checkpoint, device, precision)
     check_tokenizer(modalities, tokenizer)
     return model, pick_modality(modalities, modality)
 
@@ -143,7 +143,8 @@ def _write(
 ) -> list[dict[str, Any]]:
     """Write the sample files, the contact sheet and samples.json; the samples' records.
 
-    ``meta``: the checkpoint (at the top of samples.json) and the sampling settings (in every record).
+    ``meta``: the checkpoint (at the top of samples.json), the sampling settings and the weights' precision (in
+    every record).
     """
     settings = {k: v for k, v in meta.items() if k != "checkpoint"}
     codec = modality.codec

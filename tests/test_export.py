@@ -38,14 +38,28 @@ def trained(jpeg_tokenizer) -> CodecLM:
     return model.eval()
 
 
-def save(model: CodecLM, path) -> None:
-    """A checkpoint as Lightning writes one (the keys export reads)."""
+def save(model: CodecLM, path, optimizer: dict | None = None) -> None:
+    """A checkpoint as Lightning writes one (the keys export reads; the optimizer's state if given)."""
     checkpoint = {
         "state_dict": model.state_dict(),
         "hyper_parameters": dict(model.hparams),
         "jpeglm_sources": model.vocabulary,
     }
+    if optimizer is not None:
+        checkpoint["optimizer_states"] = [optimizer]
     torch.save(checkpoint, path)
+
+
+def save_sharded(model: CodecLM, path, state_dict: dict | None = None, optimizer: dict | None = None) -> None:
+    """A directory in the layout of Lightning's ModelParallelStrategy: tensors in *.distcp, the rest in meta.pt.
+
+    ``state_dict``: the tensors to save (default: the model's); ``optimizer``: an optimizer state saved next to them.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {"state_dict": state_dict or model.state_dict()} | ({"optimizer_0": optimizer} if optimizer else {})
+    dcp.save(tensors, checkpoint_id=path, no_dist=True)
+    torch.save({"hyper_parameters": dict(model.hparams), "jpeglm_sources": model.vocabulary}, path / "meta.pt")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +126,26 @@ def test_several_sources_get_a_directory_each(trained, jpeg_tokenizer, tmp_path)
     assert CodecTokenizer.load(out / "jpeg").modality == "jpeg"
 
 
+def test_precision_bf16_exports_the_weights_rounded(trained, checkpoint, tmp_path):
+    out = export(checkpoint, tmp_path / "lit", "litgpt", precision="bf16")
+    weights = torch.load(out / "lit_model.pth", weights_only=True)
+    expected = {k.removeprefix("model."): v for k, v in trained.state_dict().items()}
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k].to(torch.bfloat16)) for k in expected)
+    out = export(checkpoint, tmp_path / "hf", "hf", precision="bf16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118 (not a dict)
+    as_stored = export(checkpoint, tmp_path / "as_stored", "hf")  # the default keeps the checkpoint's dtype
+    assert json.loads((as_stored / "config.json").read_text())["torch_dtype"] == "float32"
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sharded_checkpoint_exports_like_a_single_file(trained, checkpoint, tmp_path):
-    """A directory in the layout of Lightning's ModelParallelStrategy: tensors in *.distcp, the rest in meta.pt."""
-    import torch.distributed.checkpoint as dcp
-
     sharded = tmp_path / "last.ckpt"
-    dcp.save({"state_dict": trained.state_dict()}, checkpoint_id=sharded, no_dist=True)
-    torch.save({"hyper_parameters": dict(trained.hparams), "jpeglm_sources": trained.vocabulary}, sharded / "meta.pt")
+    save_sharded(trained, sharded)
     export(sharded, tmp_path / "from_shards", "litgpt")
     export(checkpoint, tmp_path / "from_file", "litgpt")
     a = torch.load(tmp_path / "from_shards" / "lit_model.pth", weights_only=True)

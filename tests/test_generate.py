@@ -59,11 +59,19 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
     line = f"wrote 3 samples to {out} ({share:.0%} complete streams); see samples.json"
     assert generate_module.summary(records) == line
 
+    assert {r["precision"] for r in records} == {"fp32"}  # on CPU by default
+
     records = generate_samples(
-        str(checkpoint), str(tmp_path / "uncond"), unconditional=True, num_samples=2, max_new_tokens=30, progress=False
+        str(checkpoint),
+        str(tmp_path / "uncond"),
+        unconditional=True,
+        num_samples=2,
+        max_new_tokens=30,
+        precision="bf16",
+        progress=False,
     )
     assert len(list((tmp_path / "uncond").glob("sample_*.jpg"))) == 2
-    assert [(r["prompt"], r["ratio"], r["seed"]) for r in records] == [(None, None, 0)] * 2
+    assert [(r["prompt"], r["ratio"], r["seed"], r["precision"]) for r in records] == [(None, None, 0, "bf16")] * 2
     with Image.open(tmp_path / "uncond" / "contact_sheet.png") as sheet:
         assert sheet.size == (64, 2 * 64 + 4)  # one panel a row
 
@@ -98,6 +106,7 @@ def test_evaluate_writes_the_table(checkpoint, photos, tmp_path):
     )
     written = json.loads((out / "results.json").read_text())
     assert written["rows"] == [vars(r) for r in rows]
+    assert written["precision"] == "fp32"
     assert [(r["ratio"], r["top_k"], r["top_p"]) for r in written["rows"]] == [
         (0.5, 40, 0.9),
         (0.5, 40, 1.0),
