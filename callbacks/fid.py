@@ -11,8 +11,8 @@ from __future__ import annotations
 import lightning as L
 
 from jpeglm.callbacks.gallery import EveryNSteps, _PreservedState, log_scalars, media_modalities, originals
-from jpeglm.fid import fid, fid_metric, to_batch
-from jpeglm.generation import complete, item_budget
+from jpeglm.fid import add_pictures, fid_metric
+from jpeglm.generation import item_budget, iter_complete
 from jpeglm.pictures import picture
 
 
@@ -28,6 +28,7 @@ class FIDCallback(EveryNSteps):
         feature_extractor: "inception" (the standard, from ``inception_weights``) or "small" (no weights).
         inception_weights: path to the FID Inception weights file (needed for "inception").
         batch_size: completions sampled at once.
+        feature_batch_size: pictures per batch through the FID features, which run on the model's device.
         max_new_tokens: new tokens per completion (default: 1.5x the longest original, in tokens).
         top_k: keep the k most likely ids (None: all).
         top_p: nucleus sampling threshold.
@@ -43,6 +44,7 @@ class FIDCallback(EveryNSteps):
         feature_extractor: str = "inception",
         inception_weights: str | None = None,
         batch_size: int = 16,
+        feature_batch_size: int = 64,
         max_new_tokens: int | None = None,
         top_k: int | None = 40,
         top_p: float = 1.0,
@@ -50,7 +52,7 @@ class FIDCallback(EveryNSteps):
         modality: str = "jpeg",
     ) -> None:
         self.every_n_steps, self.num_samples, self.ratio, self.modality = every_n_steps, num_samples, ratio, modality
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.feature_batch_size, self.max_new_tokens = batch_size, feature_batch_size, max_new_tokens
         self.sampling = {"top_k": top_k, "top_p": top_p, "seed": seed}
         self.metric = fid_metric(feature_extractor, inception_weights)  # fails at construction, not mid-run
         self._real_done = False
@@ -67,8 +69,16 @@ class FIDCallback(EveryNSteps):
         modality = found[0]
         codec, streams = modality.codec, originals(modality, self.num_samples)
         budget = self.max_new_tokens or item_budget(modality, streams)
+        self.metric = self.metric.to(pl_module.device)
+        if not self._real_done:
+            add_pictures(
+                self.metric, (picture(codec, s) for s in streams), real=True, batch_size=self.feature_batch_size
+            )
+            self._real_done = True
+        self.metric.reset()  # the completions' running sums; the originals' stay
+        undecodable = 0
         with _PreservedState(pl_module):
-            completions = complete(
+            for completions in iter_complete(
                 pl_module,
                 modality,
                 streams,
@@ -76,13 +86,10 @@ class FIDCallback(EveryNSteps):
                 batch_size=self.batch_size,
                 max_new_tokens=budget,
                 **self.sampling,
-            )
-        if not self._real_done:
-            self.metric.update(to_batch([picture(codec, s) for s in streams]), real=True)
-            self._real_done = True
-        self.last = {
-            f"fid/ratio_{self.ratio:.2f}": fid(self.metric, [codec.preview(c.decoded) for c in completions]),
-            "fid/undecodable": float(sum(not c.complete for c in completions)),
-        }
+            ):
+                undecodable += sum(not c.complete for c in completions)
+                fakes = [codec.preview(c.decoded) for c in completions]
+                add_pictures(self.metric, fakes, real=False, batch_size=self.feature_batch_size)
+        self.last = {f"fid/ratio_{self.ratio:.2f}": float(self.metric.compute()), "fid/undecodable": float(undecodable)}
         log_scalars(trainer, pl_module, self.last, end)
         return self.last

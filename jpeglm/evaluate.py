@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
@@ -26,8 +27,8 @@ from tqdm import tqdm
 
 from jpeglm.checkpoints import Precision, load_model, precision_of
 from jpeglm.errors import UserError
-from jpeglm.fid import fid, fid_metric, to_batch
-from jpeglm.generation import complete, item_budget
+from jpeglm.fid import add_pictures, fid_metric
+from jpeglm.generation import item_budget, iter_complete
 from jpeglm.inputs import encode_input, find_inputs
 from jpeglm.vocabulary import Modality, pick_modality
 
@@ -57,6 +58,7 @@ class _Run:
     streams: list[bytes]
     seeds: int
     batch_size: int
+    feature_batch_size: int
     max_new_tokens: int | None
     bar: tqdm
 
@@ -74,6 +76,7 @@ def evaluate(
     feature_extractor: str = "inception",
     inception_weights: str | None = None,
     batch_size: int = 16,
+    feature_batch_size: int = 64,
     max_new_tokens: int | None = None,
     device: str | None = None,
     precision: Precision | None = None,
@@ -94,6 +97,7 @@ def evaluate(
         feature_extractor: FID features: inception (the standard, needs inception_weights) or small (no weights).
         inception_weights: Local path of the FID Inception weights file.
         batch_size: Completions sampled at once.
+        feature_batch_size: Pictures per batch through the FID feature network (on the model's device).
         max_new_tokens: New tokens per completion (default: 1.5x the longest image, within the context).
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
         precision: The model's weights in bf16 or fp32 (default: bf16 on a CUDA device, fp32 on CPU).
@@ -108,13 +112,13 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, modalities = load_model(checkpoint, device, precision)
     modality = pick_modality(modalities, "jpeg")
-    streams, reals = _originals(modality, images, num_images)
-    metric.update(to_batch(reals), real=True)
+    metric = metric.to(device)
+    streams = _add_originals(metric, modality, images, num_images, feature_batch_size)
     settings = [(r, k or None, p) for r in ratios for k, p in product(top_k, top_p)]
     settings += [(None, k or None, p) for k, p in product(top_k, top_p)] if unconditional else []
     budget = max_new_tokens or item_budget(modality, streams)  # enough to finish any image, within the context
     with tqdm(total=len(settings) * seeds * len(streams), desc="evaluate", unit="sample", disable=not progress) as bar:
-        run = _Run(model, modality, metric, streams, seeds, batch_size, budget, bar)
+        run = _Run(model, modality, metric, streams, seeds, batch_size, feature_batch_size, budget, bar)
         rows = [_evaluate_setting(run, *setting) for setting in settings]
     meta = {"checkpoint": str(checkpoint), "feature_extractor": feature_extractor, "precision": precision_of(model)}
     _write(Path(output), rows, meta)
@@ -129,52 +133,76 @@ def summary(rows: list[Row]) -> str:
 def _evaluate_setting(run: _Run, ratio: float | None, top_k: int | None, top_p: float) -> Row:
     """FID, complete share and tokens/s of one setting over ``run.seeds`` seeds."""
     fids, complete_shares, rates = [], [], []
-    images = len(run.streams)
     for seed in range(run.seeds):
-        finished = run.bar.n
-
-        def advance(done: int, total: int, finished: int = finished) -> None:
-            step = finished + images * done // max(total, 1) - run.bar.n
-            if step:
-                run.bar.update(step)
-
-        began = time.perf_counter()
-        completions = complete(
-            run.model,
-            run.modality,
-            None if ratio is None else run.streams,
-            num_samples=images if ratio is None else None,
-            ratio=ratio,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed * 100_003,
-            batch_size=run.batch_size,
-            max_new_tokens=run.max_new_tokens,
-            on_progress=advance,
-        )
-        rates.append(sum(c.new_tokens for c in completions) / (time.perf_counter() - began))
-        fids.append(fid(run.metric, [run.modality.codec.preview(c.decoded) for c in completions]))
-        complete_shares.append(float(np.mean([c.complete for c in completions])))
-        advance(1, 1)
+        score, complete_share, rate = _evaluate_seed(run, ratio, top_k, top_p, seed * 100_003)
+        fids.append(score)
+        complete_shares.append(complete_share)
+        rates.append(rate)
     shares, rate = float(np.mean(complete_shares)), float(np.mean(rates))
+    images = len(run.streams)
     return Row(ratio, top_k, top_p, float(np.mean(fids)), float(np.std(fids)), shares, rate, run.seeds, images)
 
 
-def _originals(modality: Modality, inputs: list[str], limit: int | None) -> tuple[list[bytes], list[np.ndarray]]:
-    """The streams of the first ``limit`` readable images, and the images as the codec prepares them."""
-    codec, streams, reals = modality.codec, [], []
+def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: float, seed: int) -> tuple[float, ...]:
+    """FID, complete share and tokens/s of one seed, one batch of completions in memory at a time."""
+    images, finished = len(run.streams), run.bar.n
+
+    def advance(done: int, total: int) -> None:
+        step = finished + images * done // max(total, 1) - run.bar.n
+        if step:
+            run.bar.update(step)
+
+    began, new_tokens, complete_count = time.perf_counter(), 0, 0
+    batches = iter_complete(
+        run.model,
+        run.modality,
+        None if ratio is None else run.streams,
+        num_samples=images if ratio is None else None,
+        ratio=ratio,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        batch_size=run.batch_size,
+        max_new_tokens=run.max_new_tokens,
+        on_progress=advance,
+    )
+    run.metric.reset()  # the fakes' running sums; the originals' stay
+    for completions in batches:
+        new_tokens += sum(c.new_tokens for c in completions)
+        complete_count += sum(c.complete for c in completions)
+        fakes = [run.modality.codec.preview(c.decoded) for c in completions]
+        add_pictures(run.metric, fakes, real=False, batch_size=run.feature_batch_size)
+    rate = new_tokens / (time.perf_counter() - began)
+    advance(1, 1)
+    return float(run.metric.compute()), complete_count / images, rate
+
+
+def _add_originals(
+    metric: Any, modality: Modality, inputs: list[str], limit: int | None, batch_size: int
+) -> list[bytes]:
+    """Feed the originals to the metric's real side in batches; the streams of the images it read."""
+    streams: list[bytes] = []
+    add_pictures(metric, _originals(modality, inputs, limit, streams), real=True, batch_size=batch_size)
+    if len(streams) < 2:
+        raise UserError(f"FID needs at least 2 readable images, found {len(streams)} in {inputs}")
+    return streams
+
+
+def _originals(modality: Modality, inputs: list[str], limit: int | None, streams: list[bytes]) -> Iterator[np.ndarray]:
+    """The first ``limit`` readable images as the codec prepares them, one at a time; their streams go to ``streams``.
+
+    A generator, so that the originals reach the FID features in batches and are never all in memory.
+    """
+    codec = modality.codec
     for item in find_inputs(inputs, modality.name).items:
         encoded = encode_input(codec, item)
         if encoded.stream is None:  # one bad file is reported, not fatal
             print(f"skipped {item.name}: {encoded.error}")
             continue
-        reals.append(codec.reference(item.path if item.size < 0 else item.read()))
         streams.append(encoded.stream)
+        yield codec.reference(item.path if item.size < 0 else item.read())
         if limit and len(streams) == limit:
-            break
-    if len(streams) < 2:
-        raise UserError(f"FID needs at least 2 readable images, found {len(streams)} in {inputs}")
-    return streams, reals
+            return
 
 
 def _table(rows: list[Row]) -> list[str]:

@@ -12,6 +12,7 @@ Feature extractors:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,38 @@ def to_batch(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def fid(metric: Any, fakes: list[np.ndarray]) -> float:
+def add_pictures(metric: Any, pictures: Iterable[np.ndarray], *, real: bool, batch_size: int = 64) -> int:
+    """Feed ``(H, W, 3)`` uint8 pictures to the metric's feature network, ``batch_size`` at a time.
+
+    Each batch goes to the metric's device (move the metric with ``metric.to(device)``: the features then run
+    there), so memory holds one batch of pictures and features, never the whole set: torchmetrics keeps only
+    running sums (the mean and covariance FID needs) of each side's features.
+
+    Returns:
+        How many pictures were added.
+    """
+    if batch_size < 1:
+        raise UserError(f"the FID feature batch size must be >= 1, got {batch_size}")
+    count, batch = 0, []
+    for picture in pictures:
+        batch.append(picture)
+        if len(batch) == batch_size:
+            count += _update(metric, batch, real)
+            batch = []
+    return count + (_update(metric, batch, real) if batch else 0)
+
+
+def _update(metric: Any, pictures: list[np.ndarray], real: bool) -> int:
+    metric.update(to_batch(pictures).to(metric.device), real=real)
+    return len(pictures)
+
+
+def fid(metric: Any, fakes: Iterable[np.ndarray], batch_size: int = 64) -> float:
     """FID of ``fakes`` (``(H, W, 3)`` uint8 pictures) against the real images the metric already holds.
 
     The metric's fake statistics are reset first; the real ones stay (``reset_real_features=False``).
+    ``fakes`` may be a generator: it is read once, ``batch_size`` pictures at a time (:func:`add_pictures`).
     """
     metric.reset()
-    metric.update(to_batch(fakes), real=False)
+    add_pictures(metric, fakes, real=False, batch_size=batch_size)
     return float(metric.compute())

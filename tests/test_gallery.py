@@ -13,7 +13,7 @@ from jpeglm import callbacks
 from jpeglm.callbacks import FIDCallback, SampleGallery
 from jpeglm.callbacks.gallery import media_modalities, originals
 from jpeglm.errors import UserError
-from jpeglm.fid import SmallFeatures, fid, fid_metric, to_batch
+from jpeglm.fid import SmallFeatures, add_pictures, fid, fid_metric, to_batch
 from jpeglm.generation import complete
 from jpeglm.pictures import completion_row, grid
 
@@ -97,7 +97,14 @@ def test_fid_features_and_weights():
     pictures = list(same.permute(0, 2, 3, 1).numpy())  # (H, W, 3) each
     assert torch.equal(to_batch(pictures), same)
     assert abs(fid(metric, pictures)) < 1e-3  # resets the fakes, keeps the reals
-    assert fid(metric, [p // 4 for p in pictures]) > 1  # darker
+    darker = fid(metric, [p // 4 for p in pictures])
+    assert darker > 1
+    sizes = []
+    metric.update = lambda batch, real, update=metric.update: sizes.append(len(batch)) or update(batch, real=real)
+    assert fid(metric, (p // 4 for p in pictures), batch_size=3) == pytest.approx(darker)  # a generator, in batches
+    assert sizes == [3, 3, 2]
+    with pytest.raises(UserError, match="batch size"):
+        add_pictures(metric, pictures, real=False, batch_size=0)
     with pytest.raises(UserError, match="never downloads"):
         fid_metric("inception", "/no/such/weights.pth")
     with pytest.raises(UserError, match="local file"):

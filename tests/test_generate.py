@@ -12,6 +12,7 @@ from PIL import Image
 from tiny_run import fit
 
 from jpeglm import evaluate as evaluate_module
+from jpeglm import fid as fid_module
 from jpeglm import generate as generate_module
 from jpeglm.codecs import JpegCodec
 from jpeglm.errors import UserError
@@ -90,8 +91,16 @@ def test_generate_refuses_mistakes(checkpoint, photos, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_evaluate_writes_the_table(checkpoint, photos, tmp_path):
+def test_evaluate_writes_the_table(checkpoint, photos, tmp_path, monkeypatch):
     out = tmp_path / "eval"
+    batches = []
+    update = fid_module._update
+
+    def counted(metric, pictures, real):
+        batches.append(len(pictures))
+        return update(metric, pictures, real)
+
+    monkeypatch.setattr(fid_module, "_update", counted)
     rows = evaluate(
         str(checkpoint),
         [str(photos[0].parent)],
@@ -102,8 +111,11 @@ def test_evaluate_writes_the_table(checkpoint, photos, tmp_path):
         top_p=[0.9, 1.0],
         feature_extractor="small",
         batch_size=3,
+        feature_batch_size=2,
         progress=False,
     )
+    assert max(batches) == 2  # the features see at most feature_batch_size pictures at once
+    assert sum(batches) == len(photos) * (1 + 4 * 2)  # the originals once, then each of 4 settings x 2 seeds
     written = json.loads((out / "results.json").read_text())
     assert written["rows"] == [vars(r) for r in rows]
     assert written["precision"] == "fp32"

@@ -15,6 +15,7 @@ from jpeglm.generation import (
     complete,
     generate,
     item_budget,
+    iter_complete,
     make_prompt,
     sequence_bytes,
     tokenizer_mask,
@@ -192,3 +193,21 @@ def test_a_video_completion_keeps_whole_frames(avc):
         assert isinstance(c.decoded, DecodedVideo)
         assert c.decoded.frames.shape == (4, 16, 16, 3)
         assert c.fraction >= codec.decode(c.prompt).fraction > 0
+
+
+def test_iter_complete_is_complete_batch_by_batch_and_lazy(lm, jpeg, streams):
+    steps = []
+    batches = iter_complete(
+        lm, jpeg, streams, ratio=0.25, batch_size=2, seed=3, max_new_tokens=20, on_progress=lambda *a: steps.append(a)
+    )
+    assert steps == []  # nothing generated before the first batch is asked for
+    first = next(batches)
+    generated = len(steps)
+    assert len(first) == 2
+    assert generated > 0
+    rest = [c for batch in batches for c in batch]
+    assert len(steps) > generated  # the later batches were generated only when asked for
+    together = complete(lm, jpeg, streams, ratio=0.25, batch_size=2, seed=3, max_new_tokens=20)
+    assert [c.ids for c in first + rest] == [c.ids for c in together]
+    with pytest.raises(UserError, match="ratio"):
+        iter_complete(lm, jpeg, streams, ratio=1.5)  # checked when called, not at the first batch

@@ -18,7 +18,7 @@ Under FSDP2 call it on every rank with the same arguments: every rank draws the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,44 @@ def complete(
     Raises:
         UserError: bad settings, a prompt that cannot be cut at ``ratio``, or one that fills the context.
     """
+    batches = iter_complete(
+        model,
+        modality,
+        prompts,
+        num_samples=num_samples,
+        ratio=ratio,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        on_progress=on_progress,
+    )
+    return [completion for batch in batches for completion in batch]
+
+
+def iter_complete(
+    model: torch.nn.Module,
+    modality: Modality,
+    prompts: Sequence[bytes] | None = None,
+    *,
+    num_samples: int | None = None,
+    ratio: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 40,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    on_progress: Progress | None = None,
+) -> Iterator[list[Completion]]:
+    """:func:`complete`, one batch at a time: the same arguments, the same completions, in lists of ``batch_size``.
+
+    For callers that must not hold every sample at once (``jpeglm evaluate`` with 5000 images, FID): use each
+    batch's completions, drop them, take the next. Settings and prompts are checked (and prompts cut) when this
+    is called, before the first batch is generated.
+    """
     codec = _media_codec(modality)
     _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens)
     cuts, originals = _prompt_streams(codec, prompts, num_samples, ratio)
@@ -122,11 +160,14 @@ def complete(
     progress = _Progress(sum(len(ids[b]) * n for b, n in zip(batches, budgets, strict=True)), on_progress)
     allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
     run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
-    completions = []
-    for b, budget in zip(batches, budgets, strict=True):
-        completions += run(ids[b], cuts[b], originals[b], budget, seed + b.start, progress)
-        progress.batch_done(len(ids[b]) * budget)
-    return completions
+
+    def batches_of_completions() -> Iterator[list[Completion]]:
+        for b, budget in zip(batches, budgets, strict=True):
+            completions = run(ids[b], cuts[b], originals[b], budget, seed + b.start, progress)
+            progress.batch_done(len(ids[b]) * budget)
+            yield completions
+
+    return batches_of_completions()
 
 
 def item_budget(modality: Modality, streams: Sequence[bytes]) -> int | None:

@@ -1,4 +1,3 @@
-
 """MixedDataModule: disjoint id blocks per source, decoding back, mixing proportions, epochs of fixed length."""
 
 from __future__ import annotations
