@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from litgpt import Config
 from PIL import Image
 
 from jpeglm.errors import UserError
 from jpeglm.generation import Completion, complete, item_budget
+from jpeglm.generation.sampling import kv_cache_bytes
 from jpeglm.pictures import completion_row, grid
 from jpeglm.vocabulary import DescribesVocabulary, Modality
 
@@ -150,6 +152,17 @@ class SampleGallery(EveryNSteps):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
         self.draw(trainer, pl_module, end)
+
+    def kv_cache_bytes(self, config: Config, dtype: torch.dtype = torch.bfloat16) -> int:
+        """The most KV cache one gallery allocates for a model of ``config`` computing in ``dtype``.
+
+        The gallery samples one batch at a time (each ratio's ``num_prompts`` prompts, then the
+        ``num_unconditional`` samples), each with a cache of its batch x up to the whole context
+        (``config.block_size``), freed before the next: the largest batch decides. On every rank, on top of
+        training's memory (the gallery runs between steps; FSDP2 also gathers the whole model for it).
+        """
+        batch = max(self.num_prompts if self.ratios else 0, self.num_unconditional)
+        return kv_cache_bytes(config, batch, config.block_size, dtype)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, np.ndarray]:
         """Sample, decode and log one gallery; returns the pictures by tag (on every rank).

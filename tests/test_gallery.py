@@ -111,3 +111,43 @@ def test_fid_features_and_weights():
         FIDCallback(feature_extractor="inception")
     with pytest.raises(UserError, match="feature_extractor"):
         fid_metric("vgg")
+
+
+def test_gallery_kv_cache_is_the_arithmetic(tmp_path, monkeypatch):
+    """The largest cache a gallery allocates is SampleGallery.kv_cache_bytes (checked at a small shape)."""
+    from litgpt import GPT
+
+    allocated = []
+    set_kv_cache = GPT.set_kv_cache
+
+    def spy(self, batch_size, max_seq_length=None, **kwargs):
+        set_kv_cache(self, batch_size, max_seq_length, **kwargs)
+        caches = [block.attn.kv_cache for block in self.transformer.h]
+        allocated.append(sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v)))
+
+    callback = SampleGallery(every_n_steps=100, num_prompts=2, ratios=(0.5,), num_unconditional=3)
+    trainer, model = fit(tmp_path, [], steps=1)
+    monkeypatch.setattr(GPT, "set_kv_cache", spy)
+    callback.draw(trainer, model, end=True)  # no max_new_tokens: each batch may fill the context
+    assert len(allocated) == 2  # the prompts' batch, then the unconditional batch, one after the other
+    assert max(allocated) == callback.kv_cache_bytes(model.model.config, torch.float32)
+    assert allocated[0] < allocated[1]  # 2 prompts < 3 unconditional samples
+
+
+@pytest.mark.parametrize("recipe", ["jpeg_7b", "avc_7b", "jpeg_text_7b"])
+def test_the_7b_recipes_state_their_gallery_cache(recipe):
+    """Each 7B recipe's comment gives its gallery's KV cache (bf16, the policy's compute dtype) in GiB."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from litgpt import Config
+
+    text = (Path(__file__).parents[1] / "recipes" / f"{recipe}.yaml").read_text()
+    settings = yaml.safe_load(text)
+    [args] = [c.get("init_args", {}) for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("Gallery")]
+    config = Config.from_name(settings["model"]["model_name"], block_size=settings["data"]["init_args"]["seq_len"])
+    gib = SampleGallery(**args).kv_cache_bytes(config, torch.bfloat16) / 2**30
+    stated = re.search(r"# gallery KV cache ([0-9.]+) GiB", text)
+    assert stated, "the recipe's gallery comment gives its KV cache: '# gallery KV cache N GiB'"
+    assert float(stated.group(1)) == pytest.approx(gib, rel=0.01)
