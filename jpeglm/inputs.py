@@ -33,6 +33,11 @@ TEXT_EXTENSIONS = frozenset({".txt", ".jsonl"})
 EXTENSIONS = {"jpeg": IMAGE_EXTENSIONS, "avc": VIDEO_EXTENSIONS, "text": TEXT_EXTENSIONS}
 """File extensions read for each modality (plus ``.tar`` shards, whose members are filtered the same way)."""
 _LIST_EXTENSIONS = frozenset({".lst", ".list"})
+WRONG_EXTENSION = "wrong_extension"
+"""The reason a file that is not a file type of the modality (a ``.svg`` among images, a ``.json`` sidecar in a
+tar shard) is *skipped*: ``jpeglm tokenizer train`` and ``jpeglm prepare`` count it with the inputs skipped for
+other reasons, under this one."""
+WRONG_EXTENSION_ERROR = "not a file type this modality reads"
 
 
 class InputError(UserError):
@@ -81,10 +86,16 @@ class InputItem:
 
 @dataclass
 class Inputs:
-    """Items to read, and files found that the modality does not read (by their path)."""
+    """Items to read, and files found that the modality does not read (by their path; skipped, with the reason
+    :data:`WRONG_EXTENSION`)."""
 
     items: list[InputItem] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+    @property
+    def ignored(self) -> list[Path]:
+        """The old name of :attr:`skipped`."""
+        return self.skipped
 
 
 def find_inputs(inputs: Sequence[str | Path], modality: str) -> Inputs:
@@ -100,7 +111,7 @@ def find_inputs(inputs: Sequence[str | Path], modality: str) -> Inputs:
         _expand(str(item), None, modality, found)
     found.items = list({(s.path, s.offset, s.size): s for s in found.items}.values())  # drop repeats, keep order
     if not found.items:
-        hint = f" ({len(found.ignored)} files of other types)" if found.ignored else ""
+        hint = f" ({len(found.skipped)} files of other types skipped)" if found.skipped else ""
         extensions = ", ".join(sorted(EXTENSIONS[modality] | {".tar"}))
         raise InputError(f"no {modality} inputs ({extensions}) in {list(map(str, inputs))}{hint}")
     return found
@@ -138,7 +149,7 @@ def _add_file(path: Path, key: str, modality: str, found: Inputs, from_directory
     elif suffix in EXTENSIONS[modality] or not from_directory:
         found.items.append(InputItem(path, key))  # a file named explicitly is tried whatever its extension
     else:
-        found.ignored.append(path)
+        found.skipped.append(path)
 
 
 def _add_tar(path: Path, key: str, modality: str, found: Inputs) -> None:
@@ -151,7 +162,7 @@ def _add_tar(path: Path, key: str, modality: str, found: Inputs) -> None:
         if Path(m.name).suffix.lower() in EXTENSIONS[modality] and Path(m.name).suffix.lower() != ".jsonl":
             found.items.append(InputItem(path, f"{key}/{m.name}", m.offset_data, m.size))
         else:
-            found.ignored.append(path / m.name)
+            found.skipped.append(path / m.name)
 
 
 def _jsonl_lines(path: Path, key: str) -> list[InputItem]:

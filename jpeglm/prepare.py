@@ -12,8 +12,10 @@ whole parts and redoes the one that was cut short; at the end the parts' chunk f
 (not copied, unlike ``litdata.merge_datasets``) into ``train/`` and ``val/`` under one index.
 
 The train/val split hashes each input's stable key (its path relative to the input directory, see
-jpeglm/inputs.py), so re-running never moves an item between splits. Inputs are written in a
-seeded shuffled order, so every chunk holds a mix of the dataset rather than one directory's worth.
+jpeglm/inputs.py), so re-running never moves an item between splits. A tokenizer trained here (no
+``--tokenizer``) sees the training split only: nothing of a validation item leaks into the vocabulary.
+Inputs are written in a seeded shuffled order, so every chunk holds a mix of the dataset rather than one
+directory's worth.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,19 @@ import numpy as np
 from tqdm import tqdm
 
 from jpeglm.errors import UserError
-from jpeglm.inputs import Encoded, InputError, InputItem, encode_input, find_inputs
+from jpeglm.inputs import (
+    WRONG_EXTENSION,
+    WRONG_EXTENSION_ERROR,
+    Encoded,
+    InputError,
+    InputItem,
+    Inputs,
+    encode_input,
+    find_inputs,
+)
 from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
 from jpeglm.tokenizer import MODALITIES, CodecTokenizer
-from jpeglm.train_tokenizer import ModalityName, make_codec, train_tokenizer
+from jpeglm.train_tokenizer import ModalityName, make_codec, train_on_inputs
 
 __all__ = ["PreparedDataset", "prepare", "read_dataset", "summary"]
 _BATCH = 16  # inputs per worker task: tokenized together in one Rust call
@@ -53,12 +64,14 @@ _BATCH = 16  # inputs per worker task: tokenized together in one Rust call
 class _Job:
     modality: str
     items: list[InputItem]
-    ignored: list[Path]
+    wrong_extension: list[Path]  # files of other types: skipped, with the reason WRONG_EXTENSION
     output: Path
     val_fraction: float
     part_size: int
     chunk_bytes: int
     fingerprint: str
+    vocab_size: int | None = None  # of the tokenizer trained here
+    tokenizer_report: dict[str, Any] = field(default_factory=dict)  # prepare_report.json's "tokenizer"
 
     @property
     def work(self) -> Path:
@@ -80,6 +93,7 @@ def prepare(
     inputs: list[str | Path],
     output: str | Path,
     tokenizer: str | Path | None = None,
+    vocab_size: int | None = None,
     val_fraction: float = 0.01,
     num_workers: int | None = None,
     max_items: int | None = None,
@@ -96,8 +110,11 @@ def prepare(
         inputs: directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards;
             for text: .txt files and .jsonl files (a "text" field per line).
         output: the dataset directory to write (run the same command again to finish a killed job).
-        tokenizer: a tokenizer directory (`jpeglm tokenizer train`); none: one is trained on a sample of the
-            inputs first.
+        tokenizer: a tokenizer directory (`jpeglm tokenizer train`); none: one is trained first, on a sample of
+            the inputs of the training split.
+        vocab_size: BPE symbols of the tokenizer trained here, including the 256 bytes (none: 320 for jpeg, 1024
+            for avc, 32000 for text); fewer when the training split has too few repeated byte pairs (a warning
+            and prepare_report.json say so). Not with --tokenizer.
         val_fraction: share of inputs in the validation split, decided by a hash of each input's path.
         num_workers: processes that encode and tokenize (none: all cores).
         max_items: use only the first N inputs found (none: all).
@@ -114,14 +131,13 @@ def prepare(
         CodecError: a tokenizer whose codec this installation cannot honour.
     """
     start = time.perf_counter()
-    given = _check_arguments(modality, tokenizer, val_fraction, codec_options)
-    job = _make_job(
-        modality, inputs, output, given, val_fraction, max_items, seed, part_size, chunk_bytes, codec_options
-    )
+    given = _check_arguments(modality, tokenizer, vocab_size, val_fraction, codec_options)
+    settings = {"val_fraction": val_fraction, "seed": seed, "part_size": part_size, "chunk_bytes": chunk_bytes}
+    job = _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size)
     with _locked(job):
         if (done := _already_done(job)) is not None:
             return done
-        tok = _tokenizer(job, given, inputs, num_workers, progress, codec_options)
+        tok = _tokenizer(job, given, num_workers, progress, codec_options)
         codec = tok.codec  # raises CodecError if this installation cannot write the tokenizer's codec
         counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
         report = _finish(job, tok, codec, counts, time.perf_counter() - start)
@@ -129,9 +145,13 @@ def prepare(
 
 
 def _check_arguments(
-    modality: str, tokenizer: str | Path | None, val_fraction: float, codec_options: dict | None
+    modality: str, tokenizer: str | Path | None, vocab_size: int | None, val_fraction: float, codec_options: dict | None
 ) -> CodecTokenizer | None:
     """Refuse arguments that cannot go together; returns the given tokenizer, loaded."""
+    if tokenizer and vocab_size is not None:
+        raise UserError("vocab_size applies only when no --tokenizer is given (the tokenizer's vocabulary decides)")
+    if vocab_size is not None and vocab_size < 256:
+        raise UserError(f"vocab_size counts the 256 single bytes and must be >= 256, got {vocab_size}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if modality not in MODALITIES:
@@ -146,24 +166,35 @@ def _check_arguments(
     return given
 
 
-def _make_job(
-    modality, inputs, output, given, val_fraction, max_items, seed, part_size, chunk_bytes, codec_options
-) -> _Job:
-    """Find the inputs, put them in their seeded order and fingerprint the job (what a re-run must match)."""
+def _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size) -> _Job:
+    """Find the inputs, put them in their seeded order and fingerprint the job (what a re-run must match).
+
+    ``settings``: val_fraction, seed, part_size and chunk_bytes.
+    """
     found = find_inputs(inputs, modality)
     items = found.items[:max_items] if max_items else found.items
-    random.Random(seed).shuffle(items)
-    settings = {
-        "modality": modality,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "part_size": part_size,
-        "chunk_bytes": chunk_bytes,
-        "tokenizer": given.tokenizer.to_str() if given else "trained here",
-        "codec_options": codec_options or {},
-    }
-    fingerprint = _fingerprint(settings, items)
-    return _Job(modality, items, found.ignored, Path(output), val_fraction, part_size, chunk_bytes, fingerprint)
+    random.Random(settings["seed"]).shuffle(items)
+    trained = "trained here" if vocab_size is None else f"trained here, vocab_size {vocab_size}"
+    fingerprint = _fingerprint(
+        {
+            "modality": modality,
+            **settings,
+            "tokenizer": given.tokenizer.to_str() if given else trained,
+            "codec_options": codec_options or {},
+        },
+        items,
+    )
+    return _Job(
+        modality,
+        items,
+        found.skipped,
+        Path(output),
+        settings["val_fraction"],
+        settings["part_size"],
+        settings["chunk_bytes"],
+        fingerprint,
+        vocab_size,
+    )
 
 
 def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:
@@ -218,24 +249,35 @@ def _already_done(job: _Job) -> dict[str, Any] | None:
     return json.loads((job.output / "prepare_report.json").read_text())
 
 
-def _tokenizer(job: _Job, given: CodecTokenizer | None, inputs, num_workers, progress, codec_options) -> CodecTokenizer:
-    target = job.output / "tokenizer"
+def _tokenizer(job: _Job, given: CodecTokenizer | None, num_workers, progress, codec_options) -> CodecTokenizer:
+    """The given tokenizer, or one trained on the training split's inputs (sets ``job.tokenizer_report``)."""
+    target, done = job.output / "tokenizer", job.work / "tokenizer.done"
     if given is not None:
         given.save(target)
+        job.tokenizer_report = {"trained_here": False, "vocab_size": given.vocab_size}
         return given
-    if (job.work / "tokenizer.done").is_file():
-        return CodecTokenizer.load(target)  # trained by the run that was interrupted
-    print(f"no --tokenizer given: training a {job.modality} tokenizer on a sample of the inputs", file=sys.stderr)
-    tok, report = train_tokenizer(
-        job.modality,
-        list(map(str, inputs)),
-        target,
-        num_workers=num_workers,
-        progress=progress,
-        codec_options=codec_options,
+    if done.is_file():  # trained by the run that was interrupted (an empty file: by a version before the report)
+        job.tokenizer_report = json.loads(done.read_text() or "{}")
+        return CodecTokenizer.load(target)
+    train = [item for item in job.items if not _is_val(item.key, job.val_fraction)]
+    if not train:
+        raise UserError(
+            f"none of the {len(job.items)} inputs falls in the training split (val_fraction {job.val_fraction}): "
+            "nothing to train a tokenizer on; lower --val-fraction or give more inputs"
+        )
+    print(
+        f"no --tokenizer given: training a {job.modality} tokenizer on a sample of the {len(train)} inputs of the "
+        "training split",
+        file=sys.stderr,
+    )
+    codec = make_codec(job.modality, codec_options)
+    found = Inputs(train, job.wrong_extension)
+    tok, report = train_on_inputs(
+        job.modality, found, target, codec, job.vocab_size, num_workers=num_workers, progress=progress
     )
     print(report.summary(tok, target), file=sys.stderr)
-    (job.work / "tokenizer.done").touch()
+    job.tokenizer_report = {"trained_here": True, "split": "train", **report.as_dict()}
+    _write_json(done, job.tokenizer_report)
     return tok
 
 
@@ -425,14 +467,13 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
     stream_bytes = np.concatenate([np.load(p / "bytes.npy") for p in parts])
     skipped = [s for summary in summaries for s in summary["skipped"]]
     skipped += [
-        {"source": str(p), "reason": "wrong_extension", "error": "not a file type this modality reads"}
-        for p in job.ignored
+        {"source": str(p), "reason": WRONG_EXTENSION, "error": WRONG_EXTENSION_ERROR} for p in job.wrong_extension
     ]
     reasons = Counter(s["reason"] for s in skipped)
     return {
         "modality": job.modality,
         "output": str(job.output),
-        "items_seen": len(job.items) + len(job.ignored),
+        "items_seen": len(job.items) + len(job.wrong_extension),
         "items_written": int(len(lengths)),
         "items_skipped": len(skipped),
         "skipped_by_reason": dict(reasons.most_common()),
@@ -443,6 +484,7 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
         "stream_bytes_per_item": _stats(stream_bytes),
         "vocab_size": tok.vocab_size,
         "num_ids": tok.num_ids,
+        "tokenizer": job.tokenizer_report,
         "wall_time_s": round(seconds, 3),
         "items_processed_this_run": counts["processed"],
         "items_per_s": round(counts["processed"] / seconds, 2) if seconds else None,
@@ -481,4 +523,6 @@ def summary(report: dict[str, Any]) -> str:
         f"skipped: {report['items_skipped']}" + "".join(f", {k}: {v}" for k, v in report["skipped_by_reason"].items()),
         f"time: {report['wall_time_s']:.1f} s ({report['items_per_s']} items/s); details in prepare_report.json",
     ]
+    if short := report.get("tokenizer", {}).get("short_vocabulary"):
+        lines.insert(2, f"warning: tokenizer trained on the training split: {short}")
     return "\n".join(lines)

@@ -408,3 +408,92 @@ def test_codec_options_make_small_images(photos, tmp_path, capsys):
     assert decoded.complete
     assert decoded.image.size == (64, 64)
     assert len(sample) < 1000  # a 64x64 image is a few hundred tokens
+
+
+def _names_in_split(split: str, count: int, val_fraction: float) -> list[str]:
+    """``count`` file names whose key falls in ``split`` (the split is a hash of the key)."""
+    from jpeglm.prepare import _is_val
+
+    names = (f"doc_{i:03d}.txt" for i in range(10_000))
+    return [n for n in names if _is_val(n, val_fraction) == (split == "val")][:count]
+
+
+def _split_corpus(root: Path) -> tuple[list[str], list[str]]:
+    """Text files: English in the training split, "qxqx zvzv" (letters English never pairs) in the validation one."""
+    root.mkdir()
+    train, val = _names_in_split("train", 6, 0.5), _names_in_split("val", 4, 0.5)
+    for i, name in enumerate(train):
+        (root / name).write_text(f"the cat number {i} sat on the mat and the dog sat on the log. " * 20)
+    for name in val:
+        (root / name).write_text("qxqx zvzv qxqxqx zvzvzv " * 40)
+    return train, val
+
+
+def test_a_tokenizer_trained_here_sees_the_training_split_only(tmp_path, capsys):
+    train, val = _split_corpus(tmp_path / "in")
+    report = prepare("text", [tmp_path / "in"], tmp_path / "out", val_fraction=0.5, num_workers=1, progress=False)
+    assert report["splits"]["train"]["items"] == len(train)
+    assert report["splits"]["val"]["items"] == len(val)
+    assert report["tokenizer"]["trained_here"] is True
+    assert report["tokenizer"]["trained_on_items"] == len(train)  # not len(train) + len(val)
+    vocabulary = read_dataset(tmp_path / "out").tokenizer.tokenizer.get_vocab()
+    assert "the" in vocabulary
+    assert not [token for token in vocabulary if "qx" in token or "zv" in token]  # merges only val items could make
+    assert f"training a text tokenizer on a sample of the {len(train)} inputs of the training split" in (
+        capsys.readouterr().err
+    )
+
+
+def test_prepare_vocab_size_and_a_vocabulary_smaller_than_asked(tmp_path, capsys):
+    train, _ = _split_corpus(tmp_path / "in")
+    common = ["prepare", "--modality", "text", "--input", str(tmp_path / "in"), "--val-fraction", "0.5"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--vocab-size", "270", "--no-progress"]) == 0
+    assert read_dataset(tmp_path / "a").tokenizer.vocab_size == 270
+    report = json.loads((tmp_path / "a" / "prepare_report.json").read_text())
+    assert (report["vocab_size"], report["tokenizer"]["vocab_size_asked"]) == (270, 270)
+    assert report["tokenizer"]["short_vocabulary"] is None
+    assert "warning" not in capsys.readouterr().err
+
+    assert main([*common, "--output", str(tmp_path / "b"), "--no-progress"]) == 0  # the text default: 32000
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "b" / "prepare_report.json").read_text())
+    learned = read_dataset(tmp_path / "b").tokenizer.vocab_size
+    assert 270 < learned < 32000
+    assert (report["tokenizer"]["vocab_size_asked"], report["tokenizer"]["vocab_size"]) == (32000, learned)
+    short = report["tokenizer"]["short_vocabulary"]
+    assert short.startswith(f"asked for 32000 BPE symbols, learned {learned} from {len(train)} streams")
+    assert "occurs at least twice" in short  # why
+    assert f"warning: {short}" in captured.err  # when the tokenizer is trained
+    assert f"warning: tokenizer trained on the training split: {short}" in captured.out  # and in the summary
+
+    code = main(
+        [
+            *common,
+            "--output",
+            str(tmp_path / "c"),
+            "--vocab-size",
+            "300",
+            "--tokenizer",
+            str(tmp_path / "a" / "tokenizer"),
+        ]
+    )
+    assert code == 2
+    assert "vocab_size applies only when no --tokenizer is given" in capsys.readouterr().err
+
+
+def test_files_of_other_types_are_skipped_with_one_word_and_one_reason(photos, tmp_path, capsys):
+    write_images(tmp_path / "in", small_photos(photos, 4))
+    (tmp_path / "in" / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    code = main(
+        ["prepare", "--modality", "jpeg", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+        + ["--vocab-size", "270", "--val-fraction", "0", "--num-workers", "1", "--no-progress"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["skipped_by_reason"] == {"wrong_extension": 1}
+    assert report["tokenizer"]["skipped_by_reason"] == {"wrong_extension": 1}  # the tokenizer step: same word
+    assert [Path(s["source"]).name for s in report["skipped"]] == ["logo.svg"]
+    assert "streams read: 4, skipped: 1\n  wrong_extension: 1" in captured.err  # the tokenizer step
+    assert "skipped: 1, wrong_extension: 1" in captured.out  # the shard step
+    assert "ignored" not in captured.err + captured.out

@@ -44,7 +44,9 @@ def test_tokenizer_train_command(photo_dir, photos, tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"streams read: {len(photos)}, skipped: 2, ignored (other file types): 1" in printed
+    assert f"streams read: {len(photos)}, skipped: 3" in printed  # one word, "skipped", for every input not used
+    assert "wrong_extension: 1" in printed  # readme.md
+    assert "ignored" not in printed
     assert "corrupt: 1" in printed
     assert "empty: 1" in printed
     assert "broken.jpg" in printed
@@ -195,7 +197,7 @@ def test_avc_modality_encodes_videos_first(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "streams read: 2, skipped: 0, ignored (other file types): 1" in printed  # .m4a is not a video
+    assert "streams read: 2, skipped: 1\n  wrong_extension: 1" in printed  # .m4a is not a video
     tokenizer = CodecTokenizer.load(tmp_path / "tok")
     assert tokenizer.modality == "avc"
     assert tokenizer.codec.frames_per_clip == 15
