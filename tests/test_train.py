@@ -231,8 +231,16 @@ def test_log_lines_print_each_step_once_with_progress_and_eta(tiny_data, tmp_pat
         ]
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert [line.split(" | ")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]  # once per step
+    # Once per optimizer step, named by the step the logger records (k - 1 after k steps), then the steps done.
+    assert [line.split(" | ")[0] for line in lines] == ["step 1 (2/4 done, 50%)", "step 3 (4/4 done, 100%)"]
     assert re.search(r"\| \d+ tok/s \| \d\d:\d\d:\d\d elapsed, ETA \d\d:\d\d:\d\d$", lines[0]), lines[0]
     assert lines[1].endswith("ETA 00:00:00")
-    assert "train/loss" in lines[0]
-    assert "validation at step 4 | val/bits_per_byte" in result.stdout
+    # val_check_interval 4 counts batches: validations after batches 4 and 8, the 2nd and 4th optimizer steps.
+    validations = re.findall(r"^validation at step (\d+) \| val/bits_per_byte (\S+)", result.stdout, re.M)
+    assert [int(step) for step, _ in validations] == val_steps(tmp_path / "run") == [1, 3]  # what the logger has
+    assert f"val/bits_per_byte {validations[0][1]} @1 |" in lines[1]  # the last validation, with its step
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    losses = {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}
+    for line in lines:
+        step = int(line.split()[1])
+        assert f"train/loss {losses[step]:.4g} |" in line  # the value the logger has at the step the line names
