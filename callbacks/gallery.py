@@ -52,14 +52,28 @@ def originals(modality: Modality, count: int) -> list[bytes]:
     return streams
 
 
+def logger_step(trainer: L.Trainer) -> int:
+    """The step TensorBoard gives what describes the model after ``trainer.global_step`` optimizer steps.
+
+    Lightning's loggers record the training values of the k-th optimizer step, and a validation right after it,
+    at k - 1 (the step-0 validation at 0); galleries and FID after k steps go there too, so that one step
+    number (the console's, the PNG names', TensorBoard's) means one model. See ``jpeglm.callbacks.training``.
+    """
+    return max(trainer.global_step - 1, 0)
+
+
 def log_scalars(trainer: L.Trainer, pl_module: L.LightningModule, scalars: dict[str, float], end: bool) -> None:
-    """``self.log`` during training; straight to the loggers at the end of training, where Lightning forbids it."""
+    """Write ``scalars`` to the loggers now, at :func:`logger_step` (rank 0), and to ``trainer.callback_metrics``.
+
+    Straight to the loggers rather than through ``self.log``, which writes only every ``log_every_n_steps``
+    steps (a gallery at another step would wait for the next multiple) and is forbidden at the end of training.
+    """
     if not end:
         for name, value in scalars.items():
-            pl_module.log(name, value)
-    elif trainer.is_global_zero:
+            pl_module.log(name, value, logger=False)  # callback_metrics only: monitors and LogLines see it
+    if trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+            logger.log_metrics(scalars, step=logger_step(trainer))
 
 
 class _PreservedState:
@@ -206,7 +220,7 @@ class SampleGallery(EveryNSteps):
             yield "unconditional", [[codec.preview(c.decoded) for c in completions]], completions
 
     def _write(self, trainer: L.Trainer, pictures: dict[str, np.ndarray], folder: Path) -> None:
-        step = trainer.global_step
+        step = logger_step(trainer)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
