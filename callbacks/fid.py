@@ -19,7 +19,9 @@ from jpeglm.pictures import picture
 class FIDCallback(EveryNSteps):
     """FID between completions of validation prompts and the original items, every ``every_n_steps`` steps.
 
-    Logs ``fid/ratio_<r>`` and ``fid/undecodable`` (completions that are not complete, valid streams).
+    Logs ``fid/ratio_<r>`` and ``fid/undecodable`` (completions that are not complete, valid streams). A
+    prompt that leaves no room in the model's context is not completed (one warning; the originals' side still
+    has its item).
 
     Args:
         every_n_steps: optimizer steps between evaluations (also one at the end of training).
@@ -85,6 +87,7 @@ class FIDCallback(EveryNSteps):
                 ratio=self.ratio,
                 batch_size=self.batch_size,
                 max_new_tokens=budget,
+                on_skip=self._warn_once(f"FIDCallback ({modality.name})"),
                 **self.sampling,
             ):
                 undecodable += sum(not c.complete for c in completions)

@@ -15,7 +15,7 @@ needs all ranks) and only rank 0 writes images.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,17 @@ class EveryNSteps(Callback):
             self._last_step = step
             self.run(trainer, pl_module, end=False)
 
+    def _warn_once(self, what: str) -> Callable[[int, str], None]:
+        """An ``on_skip`` for :func:`complete` that warns once per run and kind of skip, not at every gallery."""
+
+        def warn(index: int, reason: str) -> None:
+            warned = self.__dict__.setdefault("_warned", set())
+            if what not in warned:
+                warned.add(what)
+                rank_zero_warn(f"{what}: skipped ({reason}); the run goes on, and this is said only once")
+
+        return warn
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.max_steps > 0 and trainer.global_step < trainer.max_steps:
             return
@@ -208,12 +219,16 @@ class SampleGallery(EveryNSteps):
         codec, streams = modality.codec, originals(modality, self.num_prompts)
         sampling = {**self.sampling, "max_new_tokens": self.max_new_tokens or item_budget(modality, streams)}
         for ratio in self.ratios if streams else ():
+            skip = self._warn_once(f"SampleGallery ({modality.name}, ratio {ratio})")
             try:  # each ratio's prompts in one batch, with the gallery's seed
-                completions = complete(pl_module, modality, streams, ratio=ratio, batch_size=len(streams), **sampling)
+                completions = complete(
+                    pl_module, modality, streams, ratio=ratio, batch_size=len(streams), on_skip=skip, **sampling
+                )
             except UserError as e:  # e.g. a ratio that keeps no FFD7 marker of a small image
-                rank_zero_warn(f"SampleGallery: skipping ratio {ratio} for {modality.name}: {e}")
+                self._warn_once(f"SampleGallery: skipping ratio {ratio} for {modality.name}")(0, str(e))
                 continue
-            yield f"ratio_{ratio:.2f}", [completion_row(codec, c) for c in completions], completions
+            if completions:
+                yield f"ratio_{ratio:.2f}", [completion_row(codec, c) for c in completions], completions
         if self.num_unconditional:
             n = self.num_unconditional
             completions = complete(pl_module, modality, num_samples=n, batch_size=n, **sampling)

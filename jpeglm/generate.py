@@ -9,8 +9,9 @@ Written to ``output``:
   and valid it is that stream made standalone; otherwise the best-effort decode (grey where the stream broke)
   saved as an ordinary file, so every file opens.
 - ``contact_sheet.png``: one row per sample, ``prompt | completion | original``.
-- ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, seed, settings and
-  the precision of the weights.
+- ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, the seed that
+  reproduces it, settings and the precision of the weights; and ``skipped``: prompts too long for the model's
+  context (each named, with by how much), which are left out while the others are generated.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def generate_samples(
         temperature: Sampling temperature (0: greedy).
         top_k: Sample only from the k most likely tokens (0: from all).
         top_p: Nucleus sampling threshold (1.0: off).
-        seed: Sampling seed; the batch starting at sample i uses seed + i.
+        seed: Sampling seed; sample i draws with seed + i (its own generator, whatever its batch).
         batch_size: Samples generated at once.
         modality: Which modality of a model trained on several to sample, jpeg or avc (default: its first).
         tokenizer: A tokenizer directory to check against the one the checkpoint was trained with.
@@ -80,13 +81,11 @@ def generate_samples(
     model, chosen = _load(checkpoint, device, precision, tokenizer, modality)
     names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
     settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
-    run = {"num_samples": None if streams else num_samples, "seed": seed, "batch_size": batch_size}
-    with tqdm(desc="generate", unit="tok", disable=not progress) as bar:
-        completions = complete(
-            model, chosen, streams, max_new_tokens=max_new_tokens, on_progress=partial(_advance, bar), **run, **settings
-        )
+    run = {"num_samples": None if streams else num_samples, "seed": seed, "batch_size": batch_size, **settings}
+    names = names or [None] * num_samples
+    completions, skipped = _complete(model, chosen, streams, names, progress, max_new_tokens=max_new_tokens, **run)
     meta = {"checkpoint": str(checkpoint), **settings, "precision": precision_of(model)}
-    return _write(Path(output), chosen, completions, names or [None] * len(completions), meta)
+    return _write(Path(output), chosen, completions, [names[c.index] for c in completions], meta, skipped)
 
 
 def summary(records: list[dict[str, Any]]) -> str:
@@ -130,6 +129,31 @@ def _prompt_streams(modality: Modality, inputs: list[str], count: int) -> tuple[
     return names, streams
 
 
+def _complete(
+    model: Any, modality: Modality, streams: list[bytes] | None, names: list[str | None], progress: bool, **kwargs: Any
+) -> tuple[list[Completion], list[dict[str, Any]]]:
+    """:func:`complete` with a progress bar; prompts too long for the context are skipped, named and returned."""
+    skipped: list[dict[str, Any]] = []
+    with tqdm(desc="generate", unit="tok", disable=not progress) as bar:
+        completions = complete(
+            model,
+            modality,
+            streams,
+            on_progress=partial(_advance, bar),
+            on_skip=partial(_skip, names, skipped),
+            **kwargs,
+        )
+    if not completions:
+        raise UserError(f"every prompt is too long for the model's context: {skipped[0]['reason']}")
+    return completions, skipped
+
+
+def _skip(names: list[str | None], skipped: list[dict[str, Any]], index: int, reason: str) -> None:
+    """Record and print a prompt that :func:`complete` skips (too long for the model's context)."""
+    skipped.append({"prompt": names[index], "reason": reason})
+    print(f"skipped {names[index]}: {reason}")
+
+
 def _advance(bar: tqdm, done: int, total: int) -> None:
     """Show ``done`` of ``total`` tokens (sequences that end early give their unused budget back, so it ends full)."""
     if bar.total != total:
@@ -139,12 +163,17 @@ def _advance(bar: tqdm, done: int, total: int) -> None:
 
 
 def _write(
-    out: Path, modality: Modality, completions: list[Completion], names: list[str | None], meta: dict[str, Any]
+    out: Path,
+    modality: Modality,
+    completions: list[Completion],
+    names: list[str | None],
+    meta: dict[str, Any],
+    skipped: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Write the sample files, the contact sheet and samples.json; the samples' records.
 
     ``meta``: the checkpoint (at the top of samples.json), the sampling settings and the weights' precision (in
-    every record).
+    every record). ``skipped``: the prompts left out, and why.
     """
     settings = {k: v for k, v in meta.items() if k != "checkpoint"}
     codec = modality.codec
@@ -168,6 +197,6 @@ def _write(
         )
     Image.fromarray(grid([completion_row(codec, c) for c in completions])).save(out / "contact_sheet.png")
     (out / "samples.json").write_text(
-        json.dumps({"checkpoint": meta["checkpoint"], "samples": records}, indent=2) + "\n"
+        json.dumps({"checkpoint": meta["checkpoint"], "samples": records, "skipped": skipped}, indent=2) + "\n"
     )
     return records

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import numpy as np
 import pytest
@@ -152,3 +154,22 @@ def test_the_7b_recipes_state_their_gallery_cache(recipe):
     stated = re.search(r"# gallery KV cache ([0-9.]+) GiB", text)
     assert stated, "the recipe's gallery comment gives its KV cache: '# gallery KV cache N GiB'"
     assert float(stated.group(1)) == pytest.approx(gib, rel=0.01)
+
+
+def test_prompts_too_long_for_the_context_are_skipped_with_one_warning(tmp_path):
+    """A gallery or FID prompt that leaves no room in the context never crashes training: skipped, said once."""
+    trainer, model = fit(tmp_path, [], steps=1)
+    [modality] = media_modalities(trainer.datamodule)
+    lengths = [len(modality.tokenizer.encode(modality.codec.prompt(s, 0.5))) + 2 for s in originals(modality, 3)]
+    model.model.config.block_size = sorted(lengths)[1] + 1  # the longest prompt no longer fits
+    callback = SampleGallery(every_n_steps=100, num_prompts=3, ratios=(0.5,), num_unconditional=1, max_new_tokens=4)
+    with pytest.warns(UserWarning, match=r"SampleGallery \(jpeg, ratio 0.5\): skipped \(prompt \d is \d+ tokens"):
+        pictures = callback.draw(trainer, model, end=True)
+    assert pictures["samples/jpeg/ratio_0.50"].shape[0] == 2 * 64 + 4  # two rows: the prompts that fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next gallery is quiet
+        callback.draw(trainer, model, end=True)
+    fid_callback = FIDCallback(num_samples=3, feature_extractor="small", max_new_tokens=4)
+    with pytest.warns(UserWarning, match=r"FIDCallback \(jpeg\): skipped"):
+        scalars = fid_callback.evaluate(trainer, model, end=True)
+    assert np.isfinite(scalars["fid/ratio_0.50"])

@@ -43,10 +43,10 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
         progress=False,
     )
     written = json.loads((out / "samples.json").read_text())
-    assert written == {"checkpoint": str(checkpoint), "samples": records}
+    assert written == {"checkpoint": str(checkpoint), "samples": records, "skipped": []}
     assert len(records) == 3
     assert {"file", "prompt", "new_tokens", "complete", "fraction", "seed", "top_k", "top_p"} <= records[0].keys()
-    assert [r["seed"] for r in records] == [0, 0, 2]  # seed + index of the batch's first sample
+    assert [r["seed"] for r in records] == [0, 1, 2]  # seed + index: what reproduces each sample
     assert [r["prompt"] for r in records] == [str(p) for p in photos[:3]]
     for r in records:
         with Image.open(out / r["file"]) as im:
@@ -72,9 +72,45 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
         progress=False,
     )
     assert len(list((tmp_path / "uncond").glob("sample_*.jpg"))) == 2
-    assert [(r["prompt"], r["ratio"], r["seed"], r["precision"]) for r in records] == [(None, None, 0, "bf16")] * 2
+    assert [(r["prompt"], r["ratio"], r["seed"], r["precision"]) for r in records] == [
+        (None, None, 0, "bf16"),
+        (None, None, 1, "bf16"),
+    ]
     with Image.open(tmp_path / "uncond" / "contact_sheet.png") as sheet:
         assert sheet.size == (64, 2 * 64 + 4)  # one panel a row
+
+
+def test_generate_skips_prompts_too_long_for_the_context(checkpoint, photos, tmp_path, monkeypatch, capsys):
+    """One prompt longer than the context is named and skipped (counted in samples.json); the others are made."""
+    from jpeglm.checkpoints import load_model
+
+    codec = JpegCodec(size=64)
+    lengths = []
+
+    def shortened(path, device, precision=None):
+        model, modalities = load_model(path, device, precision)
+        [jpeg] = modalities
+        lengths.extend(len(jpeg.tokenizer.encode(codec.prompt(codec.encode(p), 0.5))) + 2 for p in photos[:3])
+        model.model.config.block_size = sorted(lengths)[1] + 1  # room for the two shorter prompts only
+        return model, modalities
+
+    monkeypatch.setattr(generate_module, "load_model", shortened)
+    out = tmp_path / "short"
+    records = generate_samples(
+        str(checkpoint),
+        str(out),
+        prompt_images=[str(p) for p in photos[:3]],
+        num_samples=3,
+        max_new_tokens=5,
+        progress=False,
+    )
+    longest = lengths.index(max(lengths))
+    written = json.loads((out / "samples.json").read_text())
+    assert [r["prompt"] for r in written["skipped"]] == [str(photos[longest])]
+    assert f"is {max(lengths)} tokens" in written["skipped"][0]["reason"]
+    assert f"skipped {photos[longest]}: prompt {longest} is {max(lengths)} tokens" in capsys.readouterr().out
+    assert [r["prompt"] for r in records] == [str(p) for i, p in enumerate(photos[:3]) if i != longest]
+    assert [r["seed"] for r in records] == [i for i in range(3) if i != longest]
 
 
 def test_generate_refuses_mistakes(checkpoint, photos, tmp_path):

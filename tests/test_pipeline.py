@@ -84,7 +84,10 @@ def test_unconditional_samples_are_generate_batch_by_batch(lm, jpeg):
     completions = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40)
     prompts = [[BOS_ID, MODALITIES["jpeg"]]] * 3
     assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 5, 30, top_k=40)
-    assert [c.seed for c in completions] == [5, 5, 7]  # seed + index of the batch's first sample
+    assert [c.seed for c in completions] == [5, 6, 7]  # seed + index: each sample its own generator
+    assert [c.index for c in completions] == [0, 1, 2]
+    [alone] = complete(lm, jpeg, num_samples=1, batch_size=1, seed=6, max_new_tokens=30, top_k=40)
+    assert alone.ids == completions[1].ids  # the second sample, reproduced from its own seed alone
     for c in completions:
         assert (c.prompt, c.original) == (b"", None)
         assert 0 < c.new_tokens <= 30
@@ -100,7 +103,7 @@ def test_prompts_of_different_lengths_batched(lm, jpeg, jpeg_codec, jpeg_tokeniz
     cuts = [jpeg_codec.prompt(s, 0.25) for s in streams]
     prompts = [make_prompt(jpeg_tokenizer, cut) for cut in cuts]
     assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 7, 40, **sampling)
-    assert [c.seed for c in completions] == [7, 7, 9]
+    assert [c.seed for c in completions] == [7, 8, 9]
     assert [c.prompt for c in completions] == cuts
     assert [c.original for c in completions] == streams
     for c in completions:
@@ -139,8 +142,24 @@ def test_the_budget_is_bounded_by_the_context(jpeg, jpeg_codec, jpeg_tokenizer, 
     more = complete(model, jpeg, streams, ratio=0.25, batch_size=2, max_new_tokens=10**6)  # bounded the same
     assert [c.ids for c in more] == [c.ids for c in completions]
     small = tiny_model(jpeg_tokenizer.num_ids, min(lengths))
-    with pytest.raises(UserError, match="leaves no room in the model's context"):
+    with pytest.raises(UserError, match=f"prompt 0 is {lengths[0]} tokens, {lengths[0] - min(lengths) + 1} more than"):
         complete(small, jpeg, streams[:1], ratio=0.25)
+
+
+def test_prompts_too_long_for_the_context_are_skipped_and_named(jpeg, jpeg_codec, jpeg_tokenizer, streams):
+    lengths = [len(make_prompt(jpeg_tokenizer, jpeg_codec.prompt(s, 0.25))) for s in streams]
+    shortest = lengths.index(min(lengths))
+    model = tiny_model(jpeg_tokenizer.num_ids, min(lengths) + 5)  # only the shortest prompt leaves room
+    skipped = []
+    completions = complete(
+        model, jpeg, streams, ratio=0.25, batch_size=2, seed=3, on_skip=lambda i, why: skipped.append((i, why))
+    )
+    too_long = [i for i, n in enumerate(lengths) if n >= min(lengths) + 5]
+    assert [i for i, _ in skipped] == too_long
+    assert all(f"prompt {i} is {lengths[i]} tokens" in why for i, why in skipped)
+    assert [c.index for c in completions] == [i for i in range(len(streams)) if i not in too_long]
+    [alone] = complete(model, jpeg, [streams[shortest]], ratio=0.25, seed=3 + shortest)
+    assert completions[0].ids == alone.ids  # the kept prompt draws with its own seed, as if it were alone
 
 
 def test_item_budget(jpeg, jpeg_tokenizer, streams):

@@ -8,6 +8,7 @@
 from jpeglm.generation.pipeline import Completion, complete, item_budget, iter_complete
 from jpeglm.generation.sampling import (
     CodecStop,
+    Constraint,
     Stop,
     codec_stop,
     generate,
@@ -22,6 +23,7 @@ from jpeglm.generation.sampling import (
 __all__ = [
     "CodecStop",
     "Completion",
+    "Constraint",
     "Stop",
     "codec_stop",
     "complete",

@@ -9,7 +9,8 @@ callback, ``jpeglm generate`` and ``jpeglm evaluate`` all call it. It owns, for 
   (:func:`item_budget` gives the usual "enough for any of these items" budget);
 - the ids that may be drawn (the modality's own BPE ids and eos: :func:`~jpeglm.generation.tokenizer_mask`)
   and the stop at the end of the first whole item (:func:`~jpeglm.generation.codec_stop`);
-- batching, with seed ``seed + index of the batch's first sample`` for each batch;
+- batching; sample ``i`` draws with its own seed, ``seed + i``, whatever batch it is in;
+- prompts too long for the model's context: an error naming the prompt, or (``on_skip``) skipped and reported;
 - the bytes of the item each sequence holds (:func:`~jpeglm.generation.sequence_bytes`) and their decode.
 
 Under FSDP2 call it on every rank with the same arguments: every rank draws the same ids.
@@ -33,6 +34,9 @@ from jpeglm.vocabulary import Modality
 Progress = Callable[[int, int], None]
 """Called as ``on_progress(done, total)``: ids generated so far, and the most the whole call can generate."""
 
+Skip = Callable[[int, str], None]
+"""Called as ``on_skip(index, reason)`` for a prompt that is skipped: its index among the prompts, and why."""
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -45,8 +49,9 @@ class Completion:
         stream: the codec stream of the one item the ids hold (the prompt's bytes included), cut at its end.
         decoded: ``codec.decode(stream)`` (never raises: grey where the stream broke).
         new_tokens: ids generated after the prompt.
-        seed: the seed of its batch (``seed + index of the batch's first sample``): the same batch sampled
-            with this seed draws the same ids.
+        seed: the seed it was drawn with (``seed + index``): ``complete`` of its prompt alone with this seed
+            draws the same ids (up to floating-point differences between batch shapes).
+        index: its place among the prompts (or unconditional samples) the call was given.
         tokens_per_s: ``new_tokens`` over the seconds its batch took to generate.
     """
 
@@ -58,6 +63,7 @@ class Completion:
     new_tokens: int
     seed: int
     tokens_per_s: float
+    index: int = 0
 
     @property
     def complete(self) -> bool:
@@ -84,6 +90,7 @@ def complete(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     on_progress: Progress | None = None,
+    on_skip: Skip | None = None,
 ) -> list[Completion]:
     """Complete codec streams (or sample from nothing) with one modality of a model, and decode the results.
 
@@ -97,18 +104,21 @@ def complete(
         temperature: divides the logits; 0 takes the most likely id.
         top_k: draw only from the k most likely ids (None: all).
         top_p: then only from the most likely ids that together reach this probability (1.0: all).
-        seed: seed of the first batch; batch ``b`` uses ``seed + b * batch_size``.
+        seed: sample ``i`` (the i-th prompt) draws from its own generator, seeded ``seed + i``.
         batch_size: sequences generated at once.
         max_new_tokens: most ids generated per sample (None: up to the end of the context); never more than
             the context the longest prompt of a batch leaves.
         on_progress: called after each generation step as ``on_progress(done, total)``, in ids; the budget a
             batch leaves unused counts as done when the batch ends, so ``done`` ends at ``total``.
+        on_skip: called as ``on_skip(index, reason)`` for each prompt that leaves no room in the model's
+            context, which is then skipped (its completion is missing from the result: see ``index``).
+            None: such a prompt is an error.
 
     Returns:
         One :class:`Completion` per prompt (or sample), in order.
 
     Raises:
-        UserError: bad settings, a prompt that cannot be cut at ``ratio``, or one that fills the context.
+        UserError: bad settings, a prompt not cut at ``ratio``, or (no ``on_skip``) one the context cannot hold.
     """
     batches = iter_complete(
         model,
@@ -123,6 +133,7 @@ def complete(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         on_progress=on_progress,
+        on_skip=on_skip,
     )
     return [completion for batch in batches for completion in batch]
 
@@ -141,6 +152,7 @@ def iter_complete(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     on_progress: Progress | None = None,
+    on_skip: Skip | None = None,
 ) -> Iterator[list[Completion]]:
     """:func:`complete`, one batch at a time: the same arguments, the same completions, in lists of ``batch_size``.
 
@@ -155,16 +167,19 @@ def iter_complete(
     if not isinstance(gpt, GPT):
         raise TypeError(f"expected a CodecLM or a litgpt GPT, got {type(model).__name__}")
     ids = [make_prompt(modality.tokenizer, cut, modality.offset) for cut in cuts]
-    batches = [slice(start, start + batch_size) for start in range(0, len(ids), batch_size)]
-    budgets = [_budget(gpt, ids[b], max_new_tokens) for b in batches]
-    progress = _Progress(sum(len(ids[b]) * n for b, n in zip(batches, budgets, strict=True)), on_progress)
+    kept = _fitting(ids, gpt.config.block_size, on_skip)
+    batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
+    budgets = [_budget(gpt, [ids[i] for i in b], max_new_tokens) for b in batches]
+    progress = _Progress(sum(len(b) * n for b, n in zip(batches, budgets, strict=True)), on_progress)
     allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
     run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
 
     def batches_of_completions() -> Iterator[list[Completion]]:
         for b, budget in zip(batches, budgets, strict=True):
-            completions = run(ids[b], cuts[b], originals[b], budget, seed + b.start, progress)
-            progress.batch_done(len(ids[b]) * budget)
+            completions = run(
+                b, [ids[i] for i in b], [cuts[i] for i in b], [originals[i] for i in b], budget, seed, progress
+            )
+            progress.batch_done(len(b) * budget)
             yield completions
 
     return batches_of_completions()
@@ -195,6 +210,7 @@ class _Batch:
 
     def __call__(
         self,
+        indices: list[int],
         ids: list[list[int]],
         cuts: list[bytes],
         originals: list[bytes | None],
@@ -203,6 +219,7 @@ class _Batch:
         progress: _Progress,
     ) -> list[Completion]:
         tok, codec, offset = self.modality.tokenizer, self.modality.codec, self.modality.offset
+        seeds = [seed + index for index in indices]
         began = time.perf_counter()
         outputs = generate(
             self.gpt,
@@ -210,16 +227,19 @@ class _Batch:
             budget,
             allowed=self.allowed,
             stop=codec_stop(codec, tok, offset),
-            seed=seed,
+            seed=seeds,
             on_step=progress.step,
             **self.sampling,
         )
         seconds = max(time.perf_counter() - began, 1e-9)
         completions = []
-        for prompt_ids, out, cut, original in zip(ids, outputs, cuts, originals, strict=True):
+        for index, prompt_ids, out, cut, original in zip(indices, ids, outputs, cuts, originals, strict=True):
             stream = sequence_bytes(out, tok, offset, codec)
             new = len(out) - len(prompt_ids)
-            completions.append(Completion(cut, original, out, stream, codec.decode(stream), new, seed, new / seconds))
+            decoded = codec.decode(stream)
+            completions.append(
+                Completion(cut, original, out, stream, decoded, new, seed + index, new / seconds, index=index)
+            )
         return completions
 
 
@@ -286,12 +306,24 @@ def _prompt_streams(
     return cuts, [bytes(p) for p in prompts]
 
 
+def _fitting(ids: list[list[int]], context: int, on_skip: Skip | None) -> list[int]:
+    """Indices of the prompts that leave the model room for at least one new id; the others are skipped or an error."""
+    kept = []
+    for index, prompt in enumerate(ids):
+        if len(prompt) < context:
+            kept.append(index)
+            continue
+        reason = (
+            f"prompt {index} is {len(prompt)} tokens, {len(prompt) - context + 1} more than the model's context of "
+            f"{context} tokens leaves room for (it needs at least one new token)"
+        )
+        if on_skip is None:
+            raise UserError(f"{reason}; cut the prompts shorter (a smaller ratio) or skip it")
+        on_skip(index, reason)
+    return kept
+
+
 def _budget(gpt: GPT, prompts: list[list[int]], max_new_tokens: int | None) -> int:
     """``max_new_tokens`` (None: no limit), bounded by the context the longest of ``prompts`` leaves."""
     longest, context = max(len(p) for p in prompts), gpt.config.block_size
-    if longest >= context:
-        raise UserError(
-            f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens; "
-            "cut the prompts shorter (a smaller ratio)"
-        )
     return context - longest if max_new_tokens is None else min(max_new_tokens, context - longest)

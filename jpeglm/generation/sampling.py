@@ -18,7 +18,8 @@ The model knows nothing about codecs; the codec-aware parts come from the caller
 Prompts (:func:`make_prompt`): ``[bos, tag]`` for an unconditional sample, ``[bos, tag] +
 tokenizer.encode(codec.prompt(stream, ...))`` to complete a partial image or clip.
 
-Sampling is reproducible from ``seed`` (one ``torch.Generator`` on the model's device). With an FSDP2
+Sampling is reproducible from ``seed`` (prompt ``i`` draws from its own ``torch.Generator``, seeded ``seed + i``,
+on the model's device). With an FSDP2
 sharded model call :func:`generate` on every rank with the same prompts and seed: every rank runs the
 same forwards and draws the same ids; nothing here depends on the rank.
 
@@ -38,7 +39,7 @@ import bisect
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ def sample_logits(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Draw one id per row of ``logits``; ids whose logit is -inf are never drawn.
 
@@ -72,7 +73,8 @@ def sample_logits(
         top_k: keep only the ``top_k`` most likely ids of each row (None: all).
         top_p: then keep the smallest set of most likely ids whose probability reaches ``top_p``
             (nucleus sampling; 1.0 keeps all).
-        generator: the source of randomness, for draws reproducible from a seed.
+        generator: the source of randomness, for draws reproducible from a seed; a sequence of generators,
+            one per row, makes each row's draw depend on its own generator only (not on the other rows).
 
     Returns:
         (B,) int64 ids.
@@ -90,7 +92,11 @@ def sample_logits(
     if top_p < 1.0:
         logits = _keep_top_p(logits, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    if len(generator) != len(probs):
+        raise ValueError(f"one generator per row: got {len(generator)} for {len(probs)} rows")
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator, strict=True)])
 
 
 def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,6 +118,17 @@ def _keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+class Constraint(Protocol):
+    """Which ids each running sequence may draw next, from what it holds so far (e.g. a grammar of the stream).
+
+    Called before each draw with the running sequences (each one's prompt and the ids generated so far; the
+    same list object, grown, from step to step); returns an (A, vocab_size) bool mask, at least one id
+    allowed per row. Rows still inside a longer prompt are given the prompt's next id whatever the mask says.
+    """
+
+    def __call__(self, sequences: list[list[int]]) -> torch.Tensor: ...
+
+
 @dataclass
 class _Sampler:
     """Draws the next id of each running sequence from the model's logits, under the ``allowed`` mask."""
@@ -119,16 +136,20 @@ class _Sampler:
     temperature: float
     top_k: int | None
     top_p: float
-    generator: torch.Generator
+    generators: list[torch.Generator]  # one per prompt
     vocab_size: int
-    allowed: torch.Tensor | None  # (V,) or (B, V) bool
+    allowed: torch.Tensor | Constraint | None  # (V,) or (B, V) bool, or a constraint
 
-    def __call__(self, logits: torch.Tensor, prompts: list[int]) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, prompts: list[int], sequences: list[list[int]]) -> torch.Tensor:
         logits = logits[:, : self.vocab_size]  # (A, V): the padding columns of the head are no ids
-        if self.allowed is not None:
+        if callable(self.allowed):
+            allowed = self.allowed(sequences).to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        elif self.allowed is not None:
             allowed = self.allowed if self.allowed.dim() == 1 else self.allowed[prompts]
             logits = logits.masked_fill(~allowed, float("-inf"))
-        return sample_logits(logits, self.temperature, self.top_k, self.top_p, self.generator)  # (A,)
+        generators = [self.generators[i] for i in prompts]
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, generators)  # (A,)
 
 
 # ---------------------------------------------------------------------- generate
@@ -142,8 +163,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float = 1.0,
-    seed: int = 0,
-    allowed: torch.Tensor | None = None,
+    seed: int | Sequence[int] = 0,
+    allowed: torch.Tensor | Constraint | None = None,
     stop: Stop | None = None,
     eos_id: int | None = EOS_ID,
     use_kv_cache: bool = True,
@@ -163,9 +184,12 @@ def generate(
         temperature: see :func:`sample_logits`; 0 is greedy.
         top_k: see :func:`sample_logits`.
         top_p: see :func:`sample_logits`.
-        seed: seeds the generator: the same seed gives the same ids (on every rank).
+        seed: prompt ``i`` draws from its own generator, seeded ``seed + i``: the same seed gives the same ids
+            (on every rank), and a sequence's draws do not depend on the other prompts of the batch (up to
+            floating-point differences between batch shapes). A sequence gives each prompt's seed.
         allowed: bool (vocab_size,), or (len(prompts), vocab_size): the ids that may be drawn (e.g.
-            :func:`tokenizer_mask`); the head's padding columns beyond ``vocab_size`` never are.
+            :func:`tokenizer_mask`); or a :class:`Constraint`, asked at every step. The head's padding
+            columns beyond ``vocab_size`` are never drawn.
         stop: called after each generated id with the sequence so far (the same list, grown): a returned
             length cuts the sequence to that many ids (never into the prompt) and ends it (:func:`codec_stop`).
         eos_id: the id that ends a sequence (None: no id does).
@@ -178,9 +202,9 @@ def generate(
     gpt = model.model if isinstance(getattr(model, "model", None), GPT) else model
     prompts = _check_arguments(gpt, model, prompts, max_new_tokens)
     device = gpt.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    mask = _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device)
-    sampler = _Sampler(temperature, top_k, top_p, generator, gpt.config.vocab_size, mask)
+    generators = _generators(seed, len(prompts), device)
+    mask = allowed if callable(allowed) else _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device)
+    sampler = _Sampler(temperature, top_k, top_p, generators, gpt.config.vocab_size, mask)
     training = model.training
     model.eval()
     try:
@@ -189,6 +213,14 @@ def generate(
     finally:
         gpt.clear_kv_cache()
         model.train(training)
+
+
+def _generators(seed: int | Sequence[int], count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per prompt: seeded ``seed + i``, or with the given seeds."""
+    seeds = [seed + i for i in range(count)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"give one seed, or one per prompt: got {len(seeds)} seeds for {count} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def _check_arguments(
@@ -306,7 +338,7 @@ def _generate(
     start = min(lengths)
     logits = _prefill(gpt, tokens, start, use_kv_cache)  # (A, padded V)
     for pos in range(start, total):
-        ids = sampler(logits, running)  # (A,)
+        ids = sampler(logits, running, [outputs[i] for i in running])  # (A,)
         if pos < max(lengths[i] for i in running):  # a prompt's own ids until it is used up
             in_prompt = torch.tensor([pos < lengths[i] for i in running], device=device)  # (A,)
             ids = torch.where(in_prompt, tokens[:, pos], ids)
