@@ -41,9 +41,10 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Any, NamedTuple
@@ -175,7 +176,7 @@ def run_command(name: str, command: Command, args: list[str]) -> int:
     try:
         result = function(**kwargs)
     except (UserError, CodecError) as e:
-        return _error(name, str(e), e)
+        return _error(name, command_line_spelling(str(e), types), e)
     if summary is not None:
         print(summary(result))
     return 0
@@ -206,6 +207,20 @@ def _error(name: str, message: str, error: BaseException) -> int:
         raise error
     print(f"jpeglm {name}: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
+
+
+def command_line_spelling(message: str, parameters: Iterable[str]) -> str:
+    """``message`` with the command's parameter names as a user types them: ``feature_extractor='small'`` becomes
+    ``--feature-extractor small`` and ``top_k`` becomes ``--top-k`` (messages are written for Python callers too).
+
+    A bare name is rewritten only when it has an underscore: ``ratio`` or ``checkpoint`` are also plain words.
+    """
+    for parameter in sorted(parameters, key=len, reverse=True):
+        option = "--" + parameter.replace("_", "-")
+        message = re.sub(rf"(?<![\w.-]){parameter}=(['\"]?)([^'\"\s,;)]*)\1", rf"{option} \2", message)
+        if "_" in parameter:
+            message = re.sub(rf"(?<![\w.-]){parameter}(?![\w=])", option, message)
+    return message
 
 
 def _short(message: str) -> str:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from jpeglm.checkpoints import Precision, load_model, precision_of
+from jpeglm.codecs import Codec
 from jpeglm.errors import UserError
 from jpeglm.fid import add_pictures, fid_metric
 from jpeglm.generation import item_budget, iter_complete
@@ -45,7 +46,9 @@ class Row:
     complete_share: float
     tokens_per_s: float
     seeds: int
-    images: int
+    images: int  # completions per seed
+    kept: float | None = None  # share of each image the prompt really kept (codec.prompt_share); None: unconditional
+    skipped: int = 0  # prompts left out: too long for the model's context
 
 
 @dataclass
@@ -60,6 +63,7 @@ class _Run:
     batch_size: int
     feature_batch_size: int
     max_new_tokens: int | None
+    temperature: float
     bar: tqdm
 
 
@@ -71,6 +75,7 @@ def evaluate(
     seeds: int = 3,
     top_k: list[int | None] = [40, 80],  # noqa: B006
     top_p: list[float] = [0.9, 1.0],  # noqa: B006
+    temperature: float = 1.0,
     num_images: int | None = None,
     unconditional: bool = True,
     feature_extractor: str = "inception",
@@ -92,6 +97,7 @@ def evaluate(
         seeds: Seeds per setting (the tables report mean and std over them).
         top_k: Top-k values to sample with, one setting each (0: all ids).
         top_p: Nucleus sampling thresholds, one setting each (1.0: off).
+        temperature: Sampling temperature (the paper: 1.0; 0: greedy).
         num_images: Use only the first N readable images.
         unconditional: Also compute the FID of as many unconditional samples.
         feature_extractor: FID features: inception (the standard, needs inception_weights) or small (no weights).
@@ -104,25 +110,33 @@ def evaluate(
         progress: Show a progress bar.
 
     Returns:
-        One row per setting: ratio (None: unconditional), top-k, top-p, FID mean and std, complete share, tokens/s.
+        One row per setting (ratio, top-k, top-p): FID mean and std, complete share, tokens/s, share kept, skips.
     """
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
-    metric = fid_metric(feature_extractor, inception_weights)  # a missing weights file fails before any work
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, modalities = load_model(checkpoint, device, precision)
-    modality = pick_modality(modalities, "jpeg")
-    metric = metric.to(device)
+    model, modality, metric = _load(checkpoint, device, precision, feature_extractor, inception_weights)
+    ratios = _distinct(modality.codec, ratios)
     streams = _add_originals(metric, modality, images, num_images, feature_batch_size)
-    settings = [(r, k or None, p) for r in ratios for k, p in product(top_k, top_p)]
-    settings += [(None, k or None, p) for k, p in product(top_k, top_p)] if unconditional else []
+    settings = [
+        (r, k or None, p) for r in [*ratios, *([None] if unconditional else [])] for k, p in product(top_k, top_p)
+    ]
     budget = max_new_tokens or item_budget(modality, streams)  # enough to finish any image, within the context
     with tqdm(total=len(settings) * seeds * len(streams), desc="evaluate", unit="sample", disable=not progress) as bar:
-        run = _Run(model, modality, metric, streams, seeds, batch_size, feature_batch_size, budget, bar)
+        run = _Run(model, modality, metric, streams, seeds, batch_size, feature_batch_size, budget, temperature, bar)
         rows = [_evaluate_setting(run, *setting) for setting in settings]
     meta = {"checkpoint": str(checkpoint), "feature_extractor": feature_extractor, "precision": precision_of(model)}
-    _write(Path(output), rows, meta)
+    _write(Path(output), rows, {**meta, "temperature": temperature, "codec": modality.codec.spec})
     return rows
+
+
+def _load(
+    checkpoint: str, device: str | None, precision: Precision | None, feature_extractor: str, weights: str | None
+) -> tuple[Any, Modality, Any]:
+    """The model, its JPEG modality and the FID metric on the model's device (a missing weights file fails first)."""
+    metric = fid_metric(feature_extractor, weights)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, modalities = load_model(checkpoint, device, precision)
+    return model, pick_modality(modalities, "jpeg"), metric.to(device)
 
 
 def summary(rows: list[Row]) -> str:
@@ -132,19 +146,23 @@ def summary(rows: list[Row]) -> str:
 
 def _evaluate_setting(run: _Run, ratio: float | None, top_k: int | None, top_p: float) -> Row:
     """FID, complete share and tokens/s of one setting over ``run.seeds`` seeds."""
-    fids, complete_shares, rates = [], [], []
+    fids, complete_shares, rates, counts = [], [], [], []
     for seed in range(run.seeds):
-        score, complete_share, rate = _evaluate_seed(run, ratio, top_k, top_p, seed * 100_003)
+        score, complete_share, rate, count = _evaluate_seed(run, ratio, top_k, top_p, seed * 100_003)
         fids.append(score)
         complete_shares.append(complete_share)
         rates.append(rate)
+        counts.append(count)
     shares, rate = float(np.mean(complete_shares)), float(np.mean(rates))
-    images = len(run.streams)
-    return Row(ratio, top_k, top_p, float(np.mean(fids)), float(np.std(fids)), shares, rate, run.seeds, images)
+    kept = None if ratio is None else run.modality.codec.prompt_share(ratio)
+    fid_mean, fid_std, skipped = float(np.mean(fids)), float(np.std(fids)), len(run.streams) - counts[0]
+    if skipped:
+        print(f"ratio {ratio}: {skipped} of {len(run.streams)} prompts are too long for the model's context, left out")
+    return Row(ratio, top_k, top_p, fid_mean, fid_std, shares, rate, run.seeds, counts[0], kept, skipped)
 
 
-def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: float, seed: int) -> tuple[float, ...]:
-    """FID, complete share and tokens/s of one seed, one batch of completions in memory at a time."""
+def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: float, seed: int) -> tuple[Any, ...]:
+    """FID, complete share, tokens/s and completions of one seed, one batch of completions in memory at a time."""
     images, finished = len(run.streams), run.bar.n
 
     def advance(done: int, total: int) -> None:
@@ -152,29 +170,50 @@ def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: flo
         if step:
             run.bar.update(step)
 
-    began, new_tokens, complete_count = time.perf_counter(), 0, 0
     batches = iter_complete(
         run.model,
         run.modality,
         None if ratio is None else run.streams,
         num_samples=images if ratio is None else None,
         ratio=ratio,
+        temperature=run.temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
         batch_size=run.batch_size,
         max_new_tokens=run.max_new_tokens,
         on_progress=advance,
+        on_skip=lambda index, reason: None,  # counted below: the completions lack its index
     )
+    began, new_tokens, complete_count, count = time.perf_counter(), 0, 0, 0
     run.metric.reset()  # the fakes' running sums; the originals' stay
     for completions in batches:
         new_tokens += sum(c.new_tokens for c in completions)
         complete_count += sum(c.complete for c in completions)
+        count += len(completions)
         fakes = [run.modality.codec.preview(c.decoded) for c in completions]
         add_pictures(run.metric, fakes, real=False, batch_size=run.feature_batch_size)
     rate = new_tokens / (time.perf_counter() - began)
     advance(1, 1)
-    return float(run.metric.compute()), complete_count / images, rate
+    if count < 2:
+        raise UserError(f"FID needs at least 2 completions; {images - count} of {images} prompts did not fit")
+    return float(run.metric.compute()), complete_count / count, rate, count
+
+
+def _distinct(codec: Codec, ratios: list[float]) -> list[float]:
+    """The ratios that cut differently (a later one that keeps the same share is dropped, with a warning)."""
+    kept: dict[float, float] = {}
+    for ratio in ratios:
+        try:
+            share = codec.prompt_share(ratio)
+        except ValueError as e:
+            raise UserError(f"--ratios {ratio}: {e}") from e
+        if share in kept.values():
+            first = next(r for r, s in kept.items() if s == share)
+            print(f"warning: ratio {ratio} keeps the same {share:g} of each image as ratio {first}; evaluated once")
+            continue
+        kept[ratio] = share
+    return list(kept)
 
 
 def _add_originals(
@@ -207,14 +246,16 @@ def _originals(modality: Modality, inputs: list[str], limit: int | None, streams
 
 def _table(rows: list[Row]) -> list[str]:
     lines = [
-        "| prompt ratio | top-k | top-p | FID | complete | tokens/s | images x seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| prompt ratio | kept | top-k | top-p | FID | complete | tokens/s | images x seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ratio = "unconditional" if r.ratio is None else f"{r.ratio:g}"
+        kept = "-" if r.kept is None else f"{r.kept:.0%}"
+        skipped = f" ({r.skipped} too long)" if r.skipped else ""
         lines.append(
-            f"| {ratio} | {r.top_k or 'all'} | {r.top_p:g} | {r.fid_mean:.2f} ± {r.fid_std:.2f} | "
-            f"{r.complete_share:.0%} | {r.tokens_per_s:.0f} | {r.images} x {r.seeds} |"
+            f"| {ratio} | {kept} | {r.top_k or 'all'} | {r.top_p:g} | {r.fid_mean:.2f} ± {r.fid_std:.2f} | "
+            f"{r.complete_share:.0%} | {r.tokens_per_s:.0f} | {r.images} x {r.seeds}{skipped} |"
         )
     return lines
 
@@ -225,8 +266,17 @@ def _write(out: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     lines = [
         f"# jpeglm evaluate: {meta['checkpoint']}",
         "",
-        f"FID ({meta['feature_extractor']} features), mean ± std over seeds.",
+        f"FID ({meta['feature_extractor']} features), mean ± std over seeds; temperature {meta['temperature']:g}.",
+        f"Codec: {_codec_line(meta['codec'])}. *kept*: the share of each image the prompt really holds (cuts fall",
+        "after FFD7 markers, every eighth restart marker).",
         "",
         *_table(rows),
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _codec_line(spec: dict[str, Any]) -> str:
+    """The codec's settings as one line (the full spec is in results.json)."""
+    return ", ".join(
+        f"{key} {spec[key]}" for key in spec if key not in ("codec", "pillow", "libjpeg") and "sha" not in key
+    )

@@ -20,7 +20,7 @@ import yaml
 
 import jpeglm.callbacks
 import jpeglm.data_modules
-from jpeglm.cli import COMMANDS, LIGHTNING_COMMANDS, Command, main
+from jpeglm.cli import COMMANDS, LIGHTNING_COMMANDS, Command, command_line_spelling, main
 from jpeglm.codecs import CodecError
 from jpeglm.data_modules import SyntheticDataModule
 from jpeglm.errors import UserError
@@ -147,6 +147,7 @@ def test_dashes_and_underscores_and_native_spellings_give_the_same_call(calls, c
         "inputs": ["photos/", "more/*.jpg"],
         "output": "data/out",
         "tokenizer": "tok/jpeg",
+        "vocab_size": None,
         "val_fraction": 0.2,
         "num_workers": 3,
         "max_items": 5,
@@ -527,3 +528,15 @@ def test_a_value_error_inside_a_training_step_keeps_its_traceback(tiny_data, tmp
     config = fit_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run")
     with pytest.raises(ValueError, match="zip"):
         main(["fit", "--config", str(config)])
+
+
+def test_a_user_error_names_options_as_they_are_typed(tmp_path, capsys):
+    """`jpeglm evaluate --feature-extractor vgg` is told about --feature-extractor, not feature_extractor='...'."""
+    args = ["evaluate", "--checkpoint", "c.ckpt", "--images", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert main([*args, "--feature-extractor", "inception"]) == 2
+    line = error_line(capsys, "evaluate")
+    assert "use --feature-extractor small" in line
+    assert "feature_extractor" not in line
+    assert command_line_spelling("ratio 0.25 keeps no marker; ratio=0.25; top_k must be >= 1", ["ratio", "top_k"]) == (
+        "ratio 0.25 keeps no marker; --ratio 0.25; --top-k must be >= 1"  # a bare ratio is also a word: kept
+    )

@@ -168,12 +168,36 @@ def test_evaluate_writes_the_table(checkpoint, photos, tmp_path, monkeypatch):
         assert r.images == len(photos)
         assert 0 <= r.complete_share <= 1
         assert r.tokens_per_s > 0
+    assert [r.kept for r in rows] == [0.5, 0.5, None, None]
+    assert written["codec"] == JpegCodec(size=64).spec
+    assert written["temperature"] == 1.0
     table = (out / "results.md").read_text()
-    assert "| 0.5 | 40 | 0.9 |" in table
-    assert "| unconditional | 40 | 1 |" in table
+    assert "| 0.5 | 50% | 40 | 0.9 |" in table
+    assert "| unconditional | - | 40 | 1 |" in table
+    assert "Codec: size 64, quality 25, subsampling 4:2:0, restart_interval 1" in table
     text = evaluate_module.summary(rows)
-    assert "| 0.5 | 40 | 0.9 |" in text
+    assert "| 0.5 | 50% | 40 | 0.9 |" in text
     assert text.endswith("4 settings; see results.md and results.json")
+
+
+def test_evaluate_merges_ratios_that_cut_the_same_and_explains_those_that_cannot(checkpoint, photos, tmp_path, capsys):
+    common = {"seeds": 1, "top_k": [40], "top_p": [1.0], "unconditional": False, "feature_extractor": "small"}
+    rows = evaluate(
+        str(checkpoint),
+        [str(photos[0].parent)],
+        str(tmp_path / "e"),
+        ratios=[0.5, 0.75],
+        temperature=0.7,
+        num_images=3,
+        max_new_tokens=8,
+        progress=False,
+        **common,
+    )
+    assert [(r.ratio, r.kept) for r in rows] == [(0.5, 0.5)]  # 0.75 keeps the same half of a 64-pixel image
+    assert "ratio 0.75 keeps the same 0.5 of each image as ratio 0.5; evaluated once" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["temperature"] == 0.7
+    with pytest.raises(UserError, match=r"--ratios 0.25: .* 16 restart intervals, so 2 FFD7 marker\(s\)"):
+        evaluate(str(checkpoint), [str(photos[0].parent)], str(tmp_path / "f"), ratios=[0.25], **common)
 
 
 def test_evaluate_refuses_missing_inception_weights_before_any_work(tmp_path):

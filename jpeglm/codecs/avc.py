@@ -394,6 +394,10 @@ class AvcCodec:
             )
         return bytes(stream[: starts[keep]])
 
+    def prompt_share(self, ratio: float) -> float:
+        """The share of a full clip's frames :meth:`prompt` keeps at ``ratio``: ``max(1, int(ratio * n)) / n``."""
+        return self._prompt_frames(ratio, None) / self.frames_per_clip
+
     def _prompt_frames(self, ratio: float | None, frames: int | None) -> int:
         """The frames a prompt keeps: ``frames``, or ``max(1, int(ratio * frames_per_clip))``."""
         if frames is not None and ratio is None:

@@ -181,6 +181,20 @@ class Codec(Protocol[DecodedT]):
         """
         ...
 
+    def prompt_share(self, ratio: float) -> float:
+        """The share of an item that :meth:`prompt` at ``ratio`` actually keeps (cuts fall on whole units).
+
+        Args:
+            ratio: as for :meth:`prompt`.
+
+        Returns:
+            The share kept, in (0, 1): two ratios with the same share give the same prompts.
+
+        Raises:
+            ValueError: as :meth:`prompt` does, for a ratio outside (0, 1) or one that keeps nothing.
+        """
+        ...
+
     def to_file(self, stream: bytes, decoded: DecodedT | None = None) -> bytes:
         """A standalone file (:attr:`file_suffix`) that any viewer opens, for any stream; never fails on model output.
 

@@ -275,11 +275,7 @@ class JpegCodec:
         Raises:
             ValueError: ``ratio`` is not inside (0, 1), gives k = 0, or the stream has fewer than k FFD7 markers.
         """
-        if not 0 < ratio < 1:
-            raise ValueError(f"prompt ratio must be inside (0, 1), got {ratio}")
-        k = int(ratio * self.num_intervals / 8)
-        if k < 1:
-            raise ValueError(f"ratio {ratio} keeps no FFD7 marker; the smallest ratio is {8 / self.num_intervals}")
+        k = self._ffd7_markers(ratio)
         pos = len(self.header) if stream.startswith(self.header) else _scan_start(stream)
         for _ in range(k):
             pos = stream.find(b"\xff\xd7", pos)
@@ -287,6 +283,29 @@ class JpegCodec:
                 raise ValueError(f"stream holds fewer than {k} FFD7 restart markers; cannot cut at ratio {ratio}")
             pos += 2
         return stream[:pos]
+
+    def prompt_share(self, ratio: float) -> float:
+        """The share of the image's restart intervals :meth:`prompt` keeps at ``ratio``: ``8 k / num_intervals``.
+
+        Cuts fall after FFD7 markers, every eighth restart marker: a 64x64 image at restart interval 1 has 16
+        intervals and 2 FFD7 markers, so 0.5 and 0.75 both keep half of it.
+        """
+        return 8 * self._ffd7_markers(ratio) / self.num_intervals
+
+    def _ffd7_markers(self, ratio: float) -> int:
+        """How many FFD7 markers a prompt at ``ratio`` keeps (at least one, or ValueError saying why)."""
+        if not 0 < ratio < 1:
+            raise ValueError(f"prompt ratio must be inside (0, 1), got {ratio}")
+        k = int(ratio * self.num_intervals / 8)
+        if k < 1:
+            markers = self.num_intervals // 8
+            raise ValueError(
+                f"ratio {ratio} keeps no FFD7 marker: prompts are cut after every eighth restart marker (FFD7), and "
+                f"this codec ({self.size}x{self.size}, restart interval {self.restart_interval}) has "
+                f"{self.num_intervals} restart intervals, so {markers} FFD7 marker(s) and ratios in steps of "
+                f"{8 / self.num_intervals:g}; the smallest ratio is {8 / self.num_intervals:g}"
+            )
+        return k
 
     def to_file(self, stream: bytes, decoded: DecodedImage | None = None) -> bytes:
         """A standalone JPEG file of any stream, which every viewer opens; never fails on model output.

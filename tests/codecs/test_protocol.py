@@ -24,6 +24,7 @@ MEMBERS = {
     "decode",
     "stream_end",
     "prompt",
+    "prompt_share",
     "to_file",
     "preview",
     "reference",
@@ -278,3 +279,23 @@ def test_avc_reference_is_the_clip_before_x264(avc: AvcCodec, clip: np.ndarray, 
     assert error < 10, error  # what x264 was given: the decode differs only by QP 37's loss
     assert avc.reference(np.concatenate([clip, clip])).shape == (6, 48, 64, 3)  # the first frames_per_clip
     assert avc.reference(list(clip[:4])).shape == (4, 48, 64, 3)  # a short clip is not padded
+
+
+# ---------------------------------------------------------------------- prompt_share
+
+
+def test_prompt_share_is_what_prompt_keeps(avc: AvcCodec, avc_stream: bytes):
+    small = JpegCodec(size=64)  # 16 restart intervals: 2 FFD7 markers
+    stream = small.encode(PHOTOS[0])
+    assert [small.prompt_share(r) for r in (0.5, 0.75, 0.99)] == [0.5, 0.5, 0.5]
+    assert small.prompt(stream, 0.75) == small.prompt(stream, 0.5)  # the same share: the same prompt
+    big = JpegCodec(size=256)
+    assert [big.prompt_share(r) for r in (0.25, 0.5, 0.75, 0.3)] == [0.25, 0.5, 0.75, 9 / 32]  # 32 FFD7 markers
+    with pytest.raises(ValueError, match=r"16 restart intervals, so 2 FFD7 marker\(s\) and ratios in steps of 0.5"):
+        small.prompt_share(0.25)
+    with pytest.raises(ValueError, match="16 restart intervals"):
+        small.prompt(stream, 0.25)
+    for ratio in (0.1, 0.5, 0.7):
+        frames = max(1, int(ratio * avc.frames_per_clip))
+        assert avc.prompt_share(ratio) == frames / avc.frames_per_clip
+        assert avc.prompt(avc_stream, ratio) == avc.prompt(avc_stream, frames=frames)
