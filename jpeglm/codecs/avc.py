@@ -278,10 +278,13 @@ class AvcCodec:
         Returns:
             ``DecodedVideo`` with ``(frames_per_clip, height, width, 3)`` uint8 RGB frames (frames the stream
             does not reach are grey 128), ``complete`` (every frame and slice present and a strict decode
-            reports no error) and ``fraction`` (share of the clip's slices held complete, at most 1.0).
+            reports no error) and ``fraction``: the share of the clip the stream really drew, i.e. whole slices
+            (delimited by the next start code) of frames that FFmpeg decoded without error or concealment, over
+            all slices of the clip. Slices of a frame that did not decode (garbage parameter sets or slice data,
+            drawn grey or concealed) count for nothing, at most 1.0.
         """
         stream = bytes(stream)
-        decoded, clean = self._decode_lenient(stream)
+        decoded, clean, drawn = self._decode_lenient(stream)
         nals = _nal_units(stream)
         counts = _complete_slices(nals)  # whole slices of each frame in the stream
         if nals and nals[-1].kind in _SLICE_TYPES and not nals[-1].followed:
@@ -296,8 +299,10 @@ class AvcCodec:
             and self._decodes_strictly(stream)
         )
         counts = with_last if complete else counts
-        # Slices are measured against the codec's frame size: a frame never counts for more than one frame.
-        whole = sum(min(count, self.slices_per_frame) for count in counts[: self.frames_per_clip])
+        # Slices are measured against the codec's frame size: a frame never counts for more than one frame. Frames
+        # are decoded in stream order (baseline: no reordering), so the i-th counted frame is the i-th decoded one.
+        pairs = zip(counts[: self.frames_per_clip], drawn, strict=False)
+        whole = sum(min(count, self.slices_per_frame) for count, clean_frame in pairs if clean_frame)
         fraction = whole / (self.slices_per_frame * self.frames_per_clip)
         return DecodedVideo(frames=self._clip(decoded), complete=complete, fraction=fraction)
 
@@ -311,22 +316,25 @@ class AvcCodec:
         decoder.options = options
         return decoder
 
-    def _decode_lenient(self, stream: bytes) -> tuple[list[np.ndarray | None], bool]:
-        """Frames FFmpeg can make of the stream (with error concealment), and whether nothing went wrong."""
-        decoder, frames, clean = self._decoder(strict=False), [], True
+    def _decode_lenient(self, stream: bytes) -> tuple[list[np.ndarray | None], bool, list[bool]]:
+        """Frames FFmpeg can make of the stream (with error concealment), whether nothing went wrong, and for each
+        frame whether it decoded without error or concealment."""
+        decoder, frames, clean, drawn = self._decoder(strict=False), [], True, []
         for packet in [*_parse(decoder, stream), None]:  # None flushes the decoder
             try:
                 pictures = decoder.decode(packet)
             except _DECODE_ERRORS:
                 clean = False
+                drawn.append(False)  # this access unit's frame was not drawn
                 continue
             for picture in pictures:
                 clean = clean and not picture.is_corrupt
+                drawn.append(not picture.is_corrupt)
                 if len(frames) < self.frames_per_clip:
                     frames.append(self._to_rgb(picture))
                 else:
                     frames.append(None)  # counted, not converted: the clip is full
-        return frames, clean
+        return frames, clean, drawn
 
     def _decodes_strictly(self, stream: bytes) -> bool:
         """True when FFmpeg with ``err_detect=explode`` decodes every frame without error or concealment."""

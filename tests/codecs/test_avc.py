@@ -357,3 +357,22 @@ def test_pixel_cap(videos: dict[str, Path]):
 def test_bad_settings(settings: dict):
     with pytest.raises(ValueError, match="must"):
         AvcCodec(**settings)
+
+
+def test_fraction_counts_only_what_the_stream_drew(codec: AvcCodec, stream: bytes, decoded):
+    """Slices that do not decode (no parameter sets, garbled data: grey or concealed frames) count for nothing."""
+    assert decoded.fraction == 1.0
+    starts = [match.start() for match in START_CODE.finditer(stream)] + [len(stream)]
+    units = [stream[a:b] for a, b in itertools.pairwise(starts)]
+    slices_only = b"".join(u for u in units if nal_types(u)[0] in (1, 5))  # no SPS or PPS: nothing can be drawn
+    grey = codec.decode(slices_only)
+    assert (grey.frames == 128).all()
+    assert grey.fraction == 0.0  # counted its delimited slice NAL units before: flat grey reported as drawn
+    two = codec.prompt(stream, frames=2)
+    rng = np.random.default_rng(0)
+    garbled = bytearray(stream)
+    for at in range(len(two) + 8, len(stream), 5):  # every fifth byte after the second frame
+        garbled[at] = int(rng.integers(1, 256))
+    result = codec.decode(bytes(garbled))
+    assert codec.decode(two).fraction == pytest.approx(2 / 15, abs=1.5 / codec.slices_per_frame / 15)
+    assert result.fraction <= 2 / 15 + 1 / 15  # the first two frames, and at most a frame's worth of luck
