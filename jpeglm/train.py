@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -37,16 +38,50 @@ USER_ERRORS = (UserError, CodecError, MisconfigurationException)
 """Exceptions that mean the command, config or data is wrong; anything else is a bug and keeps its traceback."""
 
 
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "", "name": "tensorboard"},
+}
+"""``jpeglm fit``'s logger unless a config names one: TensorBoard in ``<default_root_dir>/tensorboard``."""
+
+
 class JpeglmCLI(LightningCLI):
-    """LightningCLI with the data -> model links that keep a recipe from disagreeing with its data."""
+    """LightningCLI with the data -> model links that keep a recipe from disagreeing with its data, and
+    everything a run writes under ``trainer.default_root_dir`` (:func:`under_root_dir`, :data:`DEFAULT_LOGGER`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["trainer_defaults"] = {"logger": DEFAULT_LOGGER, **(kwargs.get("trainer_defaults") or {})}
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.seq_len", "model.seq_len")
         parser.link_arguments("data", "model.vocab_size", compute_fn=_vocab_size, apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
-        check_accelerator(self._get(self.config, "trainer", {}).get("accelerator"))  # before the data and model
+        trainer = self._get(self.config, "trainer", {})
+        check_accelerator(trainer.get("accelerator"))  # before the data and model
+        under_root_dir(trainer)
         super().instantiate_classes()
+
+
+def under_root_dir(trainer: Any) -> None:
+    """Put the run's files under ``trainer.default_root_dir`` wherever a recipe does not name a place itself.
+
+    A logger with an empty ``save_dir`` (as the default logger, :data:`DEFAULT_LOGGER`) writes under the root
+    directory, and a ``ModelCheckpoint`` without ``dirpath`` into ``<root>/checkpoints``; so a recipe names its run
+    directory once (``default_root_dir``), and a run derived from it with ``--trainer.default_root_dir runs/mine``
+    writes everything there.
+    """
+    root = trainer.get("default_root_dir") or os.getcwd()
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = getattr(logger, "init_args", None)
+        if args is not None and "save_dir" in args and not args.save_dir:
+            args.save_dir = root
+    for callback in trainer.get("callbacks") or []:
+        args = getattr(callback, "init_args", None)
+        if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and args.get("dirpath") is None:
+            args.dirpath = os.path.join(root, "checkpoints")
 
 
 def _vocab_size(data: LightningDataModule) -> int:

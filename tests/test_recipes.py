@@ -86,3 +86,25 @@ def test_print_config_round_trips(tmp_path):
 def test_unknown_key_is_a_clear_error():
     with pytest.raises(ArgumentError, match="no_such_option"):  # `jpeglm fit` prints it as one line (test_cli.py)
         cli(["fit", "--config", str(Path(RECIPES[0]).parent / "jpeg_tiny.yaml"), "--model.no_such_option=1"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_a_derived_run_writes_under_its_own_root_dir(recipe, tmp_path):
+    """The recipe names its run directory once: --trainer.default_root_dir moves the logs and checkpoints too."""
+    from jpeglm.train import under_root_dir
+
+    trainer = parse(recipe).trainer
+    under_root_dir(trainer)
+    root = trainer.default_root_dir
+    assert root == f"runs/{recipe.stem}"  # named after the recipe
+    assert trainer.logger.init_args.save_dir == root  # the default logger: TensorBoard
+    [checkpoints] = [c for c in trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
+    assert checkpoints.init_args.dirpath == f"{root}/checkpoints"
+    mine = parse(recipe, "--trainer.default_root_dir", str(tmp_path / "mine")).trainer
+    under_root_dir(mine)
+    assert mine.logger.init_args.save_dir == str(tmp_path / "mine")
+    assert [c.init_args.dirpath for c in mine.callbacks if "dirpath" in (c.get("init_args") or {})] == [
+        str(tmp_path / "mine/checkpoints")
+    ]
+    settings = [line.split("#")[0] for line in recipe.read_text().splitlines()]  # without the comments
+    assert sum(f"runs/{recipe.stem}" in line for line in settings) == 1  # named once
