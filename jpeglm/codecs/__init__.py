@@ -8,6 +8,7 @@ from typing import Any
 
 from jpeglm.codecs.avc import AvcCodec
 from jpeglm.codecs.base import Codec, CodecError, Decoded, DecodedImage, DecodedVideo
+from jpeglm.codecs.grammar import JpegGrammar, TokenGrammar
 from jpeglm.codecs.jpeg import JpegCodec
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "DecodedImage",
     "DecodedVideo",
     "JpegCodec",
+    "JpegGrammar",
+    "TokenGrammar",
     "codec_from_spec",
 ]
 

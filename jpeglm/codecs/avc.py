@@ -402,6 +402,17 @@ class AvcCodec:
             )
         return bytes(stream[: starts[keep]])
 
+    def grammar(self, tokenizer: Any, offset: int = 0, num_ids: int | None = None) -> None:
+        """None: H.264 streams are not constrained (sampling draws from the tokenizer's ids, any order).
+
+        A structural grammar of these Annex-B streams would have to follow NAL units (start codes, emulation
+        prevention bytes 00 00 03), the fixed SPS and PPS the codec writes, and each slice header's exp-Golomb
+        fields (first_mb_in_slice rising one macroblock per slice, frame_num, slice type I then P), then CAVLC
+        residual coding of every macroblock, whose tables depend on the neighbours' coefficient counts: far more
+        state than JPEG's fixed Huffman tables, so it is left for later.
+        """
+        return None
+
     def prompt_share(self, ratio: float) -> float:
         """The share of a full clip's frames :meth:`prompt` keeps at ``ratio``: ``max(1, int(ratio * n)) / n``."""
         return self._prompt_frames(ratio, None) / self.frames_per_clip

@@ -195,6 +195,21 @@ class Codec(Protocol[DecodedT]):
         """
         ...
 
+    def grammar(self, tokenizer: Any, offset: int = 0, num_ids: int | None = None) -> Any | None:
+        """The codec's stream grammar over a tokenizer's ids, for constrained sampling; None if it has none.
+
+        Args:
+            tokenizer: the :class:`~jpeglm.tokenizer.CodecTokenizer` of this codec's streams.
+            offset: where its BPE ids sit in a mixed vocabulary (``CodecTokenizer.shift``).
+            num_ids: length of the masks (the model's vocabulary size).
+
+        Returns:
+            An object with ``start``, ``step(state, id)``, ``allowed(state, budget=None)`` (a bool mask over the
+            ids), ``finish_cost(state)`` and ``check_prefix(stream)`` (e.g.
+            :class:`~jpeglm.codecs.grammar.TokenGrammar`), or None when the codec offers no grammar.
+        """
+        ...
+
     def to_file(self, stream: bytes, decoded: DecodedT | None = None) -> bytes:
         """A standalone file (:attr:`file_suffix`) that any viewer opens, for any stream; never fails on model output.
 

@@ -25,6 +25,7 @@ MEMBERS = {
     "stream_end",
     "prompt",
     "prompt_share",
+    "grammar",
     "to_file",
     "preview",
     "reference",
