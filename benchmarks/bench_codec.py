@@ -54,7 +54,7 @@ def floor(paths: list[Path]) -> list[bytes]:
         im = Image.open(path).convert("RGB")
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BICUBIC)
+        im = im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BILINEAR)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=25, subsampling="4:2:0", streamtype=2, restart_marker_blocks=1)
         out.append(buf.getvalue())

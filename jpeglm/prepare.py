@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -181,6 +182,9 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
             **settings,
             "tokenizer": given.tokenizer.to_str() if given else trained,
             "codec_options": codec_options or {},
+            # The codec's settings with its defaults filled in: a changed default (JPEG's resize filter became
+            # the reference's bilinear) is another job, never a resume that mixes old and new bytes.
+            **({} if given else {"codec": codec_settings(make_codec(modality, codec_options))}),
         },
         items,
     )
@@ -195,6 +199,18 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
         fingerprint,
         vocab_size,
     )
+
+
+def codec_settings(codec: Any) -> dict[str, Any] | None:
+    """Every constructor argument of ``codec`` as it holds it, defaults included (None for text's missing codec).
+
+    Cheap (no encoding, unlike ``codec.spec``): what cache keys and job fingerprints hash, so that a changed
+    default makes a new key.
+    """
+    if codec is None:
+        return None
+    names = inspect.signature(type(codec)).parameters
+    return {name: getattr(codec, name) for name in names if hasattr(codec, name)}
 
 
 def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:

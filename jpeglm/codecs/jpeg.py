@@ -39,6 +39,8 @@ _END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SUBSAMPLING = ("4:4:4", "4:2:2", "4:2:0")
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 _GREY = (128, 128, 128)
+# What a spec that names no filter means: the default before the reference's bilinear became it.
+_LEGACY_RESAMPLE = "bicubic"
 _SPEC_FIELDS = ("size", "quality", "subsampling", "restart_interval", "resample")
 
 ImageSource = Image.Image | np.ndarray | bytes | bytearray | memoryview | str | os.PathLike
@@ -54,7 +56,11 @@ class JpegCodec:
         quality: libjpeg quality, 1-95 (the paper: 25).
         subsampling: chroma subsampling, one of "4:4:4", "4:2:2", "4:2:0" (the paper: "4:2:0").
         restart_interval: MCUs between restart markers (the paper: 1, a marker after every MCU).
-        resample: resize filter: "nearest", "bilinear", "bicubic" or "lanczos".
+        resample: resize filter: "nearest", "bilinear", "bicubic" or "lanczos". The default, "bilinear", is the
+            reference code's (xhan77/jpeg-lm ``run.py``: torchvision's ``RandomResizedCrop`` over a PIL image, which
+            for scale = ratio = 1 is a centre crop of the short side at offset ``(big - small) // 2`` followed by
+            PIL's antialiased bilinear resize), so an RGB photo gives the reference's bytes. Specs written while the
+            default was "bicubic" name their filter and keep it; a spec that names none means "bicubic".
         max_pixels: largest source image (width x height) that :meth:`encode` opens; larger ones are
             refused before they are decoded (decompression bombs). Pillow's own limit
             (``PIL.Image.MAX_IMAGE_PIXELS``, about 179M pixels before it raises) applies as well.
@@ -69,7 +75,7 @@ class JpegCodec:
         quality: int = 25,
         subsampling: str = "4:2:0",
         restart_interval: int = 1,
-        resample: str = "bicubic",
+        resample: str = "bilinear",
         max_pixels: int = 89_478_485,
     ) -> None:
         if size < 16 or size % 16:
@@ -172,7 +178,9 @@ class JpegCodec:
         if w == h == self.size:
             return im.copy()
         left, top = (w - side) // 2, (h - side) // 2
-        # Crop, then resize (not resize(box=...), whose filter reads pixels outside the box): the textbook order.
+        # Crop, then resize (not resize(box=...), whose filter reads pixels outside the box): what torchvision's
+        # RandomResizedCrop(scale=(1, 1), ratio=(1, 1)) does to a PIL image in the reference code, whose fallback
+        # crop of a non-square image starts at (big - small) // 2 and whose resize is PIL's own, antialiased.
         square = im.crop((left, top, left + side, top + side)) if w != h else im
         return square.resize((self.size, self.size), _RESAMPLE[self.resample])
 
@@ -236,6 +244,8 @@ class JpegCodec:
             CodecError: ``spec`` is not a JPEG spec, or this Pillow/libjpeg writes other tables or
                 headers than the ones that made the data (decoding would silently give garbage).
         """
+        if isinstance(spec, dict) and "resample" not in spec:
+            spec = {**spec, "resample": _LEGACY_RESAMPLE}  # written before the filter was part of the spec
         codec = cls(**check_spec(spec, cls.name, _SPEC_FIELDS))
         mine = codec.spec
         for key in ("tables_sha256", "header_sha256"):
@@ -306,6 +316,20 @@ class JpegCodec:
                 f"{8 / self.num_intervals:g}; the smallest ratio is {8 / self.num_intervals:g}"
             )
         return k
+
+    def grammar(self, tokenizer: Any, offset: int = 0, num_ids: int | None = None) -> Any:
+        """The grammar of this codec's streams over ``tokenizer``'s ids (:class:`~jpeglm.codecs.grammar.TokenGrammar`).
+
+        Sampling under its masks writes only streams that decode complete. Made once per (tokenizer, offset,
+        num_ids) and kept, so its caches of masks serve every later call (each gallery, each batch).
+        """
+        from jpeglm.codecs.grammar import TokenGrammar
+
+        key = (id(tokenizer), offset, num_ids)
+        cache = self.__dict__.setdefault("_grammars", {})
+        if key not in cache:
+            cache[key] = (tokenizer, TokenGrammar.for_tokenizer(self, tokenizer, offset, num_ids))
+        return cache[key][1]
 
     def to_file(self, stream: bytes, decoded: DecodedImage | None = None) -> bytes:
         """A standalone JPEG file of any stream, which every viewer opens; never fails on model output.

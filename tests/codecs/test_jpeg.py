@@ -21,11 +21,11 @@ def pillow_reference(image: Image.Image, **settings) -> bytes:
 
 
 def reference_pipeline(path) -> bytes:
-    """Open, orient, RGB, center square crop, bicubic resize to 256, save."""
+    """Open, orient, RGB, center square crop, bilinear resize to 256 (the reference's default), save."""
     im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     side = min(im.size)
     left, top = (im.width - side) // 2, (im.height - side) // 2
-    return pillow_reference(im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BICUBIC))
+    return pillow_reference(im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BILINEAR))
 
 
 def photo_256(path) -> np.ndarray:
