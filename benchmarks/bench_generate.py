@@ -14,13 +14,20 @@ One run, one model (saved as a jpeglm checkpoint, then loaded both ways from it)
    below ``vocab_size``; Hugging Face gets them as ``suppress_tokens``). The ids must be identical. Target:
    jpeglm >= 2x Hugging Face's tokens/s.
 
+3. Grammar-constrained vs unconstrained (batch ``--batch``): the quick start's images (64x64 JPEG, a 320-symbol
+   tokenizer trained on the photos in tests/fixtures), a model of the same shape with that vocabulary, unconditional
+   samples at temperature 1.0 over all ids, ``--grammar-tokens`` new tokens at most, through
+   :func:`jpeglm.generation.complete` with ``constrain`` on and off (the same seeds). Printed: tokens/s both ways,
+   their ratio (target: at most 10% slower), the share of complete samples both ways, and the time the grammar
+   mask takes per step (all rows of the batch), in microseconds. ``--no-grammar`` skips it.
+
 The default model (4 layers, d=128, 4 heads, SwiGLU 512, vocab 328 as the paper's JPEG tokenizer, 1.15M
 parameters) and 1024 new tokens keep the whole run under two minutes on one CPU thread. One thread by default:
 on a 2-core machine shared with other jobs, two OpenMP threads per process slowed single runs down tenfold or
 more at random (threads wait on each other for a busy core), which made the ratios noise.
 
     python benchmarks/bench_generate.py [--new-tokens 1024] [--prompt 16] [--batch 8] [--layers 4] [--dim 128]
-        [--threads 1] [--no-recompute]
+        [--threads 1] [--no-recompute] [--no-grammar] [--grammar-tokens 400]
 """
 
 from __future__ import annotations
@@ -95,6 +102,56 @@ def recompute_rows(model: CodecLM, new_tokens: int) -> list[tuple[str, float, fl
     return [("recompute, batch 1", new_tokens / t_full, t_full), ("KV cache, batch 1", new_tokens / t_cached, t_cached)]
 
 
+def grammar_rows(args: argparse.Namespace) -> list[str]:
+    """Constrained vs unconstrained sampling on the quick start's 64x64 JPEGs: the lines to print."""
+    from jpeglm.codecs import JpegCodec
+    from jpeglm.generation import complete, sampling
+
+    codec = JpegCodec(size=64)
+    photos = sorted((Path(__file__).parents[1] / "tests" / "fixtures" / "photos").glob("*.jpg"))
+    tokenizer = CodecTokenizer.train([codec.encode(p) for p in photos], "jpeg", 320, codec_spec=codec.spec)
+    modality = Modality("jpeg", tokenizer)
+    torch.manual_seed(0)
+    overrides = {"n_layer": args.layers, "n_embd": args.dim, "n_head": args.heads, "n_query_groups": args.heads}
+    model = CodecLM(
+        model_overrides={**overrides, "intermediate_size": 4 * args.dim},
+        vocab_size=tokenizer.num_ids,
+        seq_len=args.grammar_tokens + 2,
+    )
+    model.configure_model()
+    spent, calls = [0.0], [0]
+    original = sampling.GrammarConstraint.__call__
+
+    def timed_mask(self, sequences, remaining):  # the grammar's share of every step
+        began = time.perf_counter()
+        try:
+            return original(self, sequences, remaining)
+        finally:
+            spent[0] += time.perf_counter() - began
+            calls[0] += 1
+
+    run = {"num_samples": args.batch, "batch_size": args.batch, "temperature": 1.0, "top_k": None, "seed": 0}
+    run["max_new_tokens"] = args.grammar_tokens
+    complete(model, modality, **{**run, "num_samples": 2, "batch_size": 2, "seed": 99})  # warm-up (other samples)
+    results = {}
+    sampling.GrammarConstraint.__call__ = timed_mask
+    try:
+        for constrain in (False, True):
+            began = time.perf_counter()
+            done = complete(model, modality, constrain=constrain, **run)
+            seconds = time.perf_counter() - began
+            results[constrain] = (sum(c.new_tokens for c in done) / seconds, sum(c.complete for c in done) / len(done))
+    finally:
+        sampling.GrammarConstraint.__call__ = original
+    (free, free_complete), (ruled, ruled_complete) = results[False], results[True]
+    return [
+        f"unconstrained, batch {args.batch}     {free:10.1f} tokens/s  ({free_complete:.0%} complete)",
+        f"JPEG grammar, batch {args.batch}      {ruled:10.1f} tokens/s  ({ruled_complete:.0%} complete)",
+        f"grammar vs unconstrained (64x64, batch {args.batch}): {ruled / free:.2f}x tokens/s (target >= 0.9x); "
+        f"mask {1e6 * spent[0] / max(calls[0], 1):.0f} us per step for the batch",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=1024)
@@ -106,6 +163,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (see the module docstring)")
     parser.add_argument("--no-recompute", action="store_true", help="skip the KV cache vs recompute baseline")
+    parser.add_argument("--no-grammar", action="store_true", help="skip the grammar-constrained comparison")
+    parser.add_argument("--grammar-tokens", type=int, default=400, help="new tokens per grammar sample at most")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
@@ -148,6 +207,8 @@ def main() -> None:
         "(target >= 2x)"
     )
     print("ids identical: yes")
+    if not args.no_grammar:
+        print("\n".join(grammar_rows(args)))
 
 
 if __name__ == "__main__":

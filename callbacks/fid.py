@@ -4,6 +4,12 @@ Every ``every_n_steps`` steps the first ``num_samples`` validation items are cut
 model (:func:`jpeglm.generation.complete`) and compared with the originals by FID (:mod:`jpeglm.fid`: the
 standard Inception from a local weights file, or the weight-free "small" features). Undecodable completions
 enter as decoded (grey where the stream broke) and are counted.
+
+The FID definition is :mod:`jpeglm.fid`'s, the one ``jpeglm evaluate`` uses, with one difference forced by the
+data: the validation shards hold streams, not the original images, so the reals here are the decoded streams
+(``real_picture(..., reals="decoded")``), not the crops before compression that the paper and ``jpeglm
+evaluate`` compare with. The numbers follow a run; for tables, run ``jpeglm evaluate`` on the original files.
+:attr:`FIDCallback.definition` records what was used.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from __future__ import annotations
 import lightning as L
 
 from jpeglm.callbacks.gallery import EveryNSteps, _PreservedState, log_scalars, media_modalities, originals
-from jpeglm.fid import add_pictures, fid_metric
+from jpeglm.errors import UserError
+from jpeglm.fid import add_pictures, fake_picture, fid_definition, fid_metric, real_picture
 from jpeglm.generation import item_budget, iter_complete
-from jpeglm.pictures import picture
+from jpeglm.vocabulary import Modality
 
 
 class FIDCallback(EveryNSteps):
@@ -36,6 +43,8 @@ class FIDCallback(EveryNSteps):
         top_p: nucleus sampling threshold.
         seed: sampling seed (batch b uses ``seed + b * batch_size``).
         modality: the data's modality to complete (FID of a video compares strips of its frames).
+        constrain: sample under the codec's stream grammar (JPEG: every completion a valid image); False: the
+            paper's unconstrained sampling.
     """
 
     def __init__(
@@ -52,11 +61,14 @@ class FIDCallback(EveryNSteps):
         top_p: float = 1.0,
         seed: int = 0,
         modality: str = "jpeg",
+        constrain: bool = True,
     ) -> None:
         self.every_n_steps, self.num_samples, self.ratio, self.modality = every_n_steps, num_samples, ratio, modality
         self.batch_size, self.feature_batch_size, self.max_new_tokens = batch_size, feature_batch_size, max_new_tokens
-        self.sampling = {"top_k": top_k, "top_p": top_p, "seed": seed}
+        self.sampling = {"top_k": top_k, "top_p": top_p, "seed": seed, "constrain": constrain}
+        self.feature_extractor = feature_extractor
         self.metric = fid_metric(feature_extractor, inception_weights)  # fails at construction, not mid-run
+        self.definition: dict[str, object] = {}  # jpeglm.fid.fid_definition, once the reals are in
         self._real_done = False
         self.last: dict[str, float] = {}
 
@@ -73,12 +85,23 @@ class FIDCallback(EveryNSteps):
         budget = self.max_new_tokens or item_budget(modality, streams)
         self.metric = self.metric.to(pl_module.device)
         if not self._real_done:
-            add_pictures(
-                self.metric, (picture(codec, s) for s in streams), real=True, batch_size=self.feature_batch_size
-            )
+            reals = (real_picture(codec, s, reals="decoded") for s in streams)  # the originals' pixels are gone
+            count = add_pictures(self.metric, reals, real=True, batch_size=self.feature_batch_size)
+            self.definition = fid_definition(self.metric, self.feature_extractor, "decoded", count, count)
             self._real_done = True
         self.metric.reset()  # the completions' running sums; the originals' stay
-        undecodable = 0
+        try:
+            undecodable = self._complete(pl_module, modality, streams, budget)
+        except UserError as e:  # e.g. a budget too small for the grammar: no FID this time, the run goes on
+            self._warn_once(f"FIDCallback ({modality.name})")(0, str(e))
+            return {}
+        self.last = {f"fid/ratio_{self.ratio:.2f}": float(self.metric.compute()), "fid/undecodable": float(undecodable)}
+        log_scalars(trainer, pl_module, self.last, end)
+        return self.last
+
+    def _complete(self, pl_module: L.LightningModule, modality: Modality, streams: list[bytes], budget: int) -> int:
+        """Complete the prompts into the metric's fake side, batch by batch; how many were not complete."""
+        codec, undecodable = modality.codec, 0
         with _PreservedState(pl_module):
             for completions in iter_complete(
                 pl_module,
@@ -91,8 +114,6 @@ class FIDCallback(EveryNSteps):
                 **self.sampling,
             ):
                 undecodable += sum(not c.complete for c in completions)
-                fakes = [codec.preview(c.decoded) for c in completions]
+                fakes = [fake_picture(codec, c.decoded) for c in completions]
                 add_pictures(self.metric, fakes, real=False, batch_size=self.feature_batch_size)
-        self.last = {f"fid/ratio_{self.ratio:.2f}": float(self.metric.compute()), "fid/undecodable": float(undecodable)}
-        log_scalars(trainer, pl_module, self.last, end)
-        return self.last
+        return undecodable

@@ -153,6 +153,8 @@ class SampleGallery(EveryNSteps):
         top_k: keep the k most likely ids (None: all).
         top_p: nucleus sampling threshold (1.0: off).
         seed: seed of the sampling generator (the same samples every time for the same weights).
+        constrain: sample under the codec's stream grammar (JPEG), so every sample is a whole valid image; False:
+            unconstrained, as the paper samples.
     """
 
     def __init__(
@@ -166,13 +168,20 @@ class SampleGallery(EveryNSteps):
         top_k: int | None = 40,
         top_p: float = 0.9,
         seed: int = 0,
+        constrain: bool = True,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_prompts = num_prompts
         self.ratios = tuple(ratios)
         self.num_unconditional = num_unconditional
         self.max_new_tokens = max_new_tokens
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        self.sampling = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "constrain": constrain,
+        }
         self.last_scalars: dict[str, float] = {}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
@@ -218,21 +227,24 @@ class SampleGallery(EveryNSteps):
         """(tag, rows of panels, completions) of each ratio that can cut the prompts, then of unconditional samples."""
         codec, streams = modality.codec, originals(modality, self.num_prompts)
         sampling = {**self.sampling, "max_new_tokens": self.max_new_tokens or item_budget(modality, streams)}
-        for ratio in self.ratios if streams else ():
-            skip = self._warn_once(f"SampleGallery ({modality.name}, ratio {ratio})")
-            try:  # each ratio's prompts in one batch, with the gallery's seed
-                completions = complete(
-                    pl_module, modality, streams, ratio=ratio, batch_size=len(streams), on_skip=skip, **sampling
-                )
-            except UserError as e:  # e.g. a ratio that keeps no FFD7 marker of a small image
-                self._warn_once(f"SampleGallery: skipping ratio {ratio} for {modality.name}")(0, str(e))
-                continue
-            if completions:
-                yield f"ratio_{ratio:.2f}", [completion_row(codec, c) for c in completions], completions
+        requests = [
+            (f"ratio_{r:.2f}", {"prompts": streams, "ratio": r, "batch_size": len(streams)}) for r in self.ratios
+        ]
+        requests = requests if streams else []
         if self.num_unconditional:
-            n = self.num_unconditional
-            completions = complete(pl_module, modality, num_samples=n, batch_size=n, **sampling)
-            yield "unconditional", [[codec.preview(c.decoded) for c in completions]], completions
+            requests.append(("unconditional", {"num_samples": self.num_unconditional}))
+        for tag, request in requests:
+            warn = self._warn_once(f"SampleGallery ({modality.name}, {tag})")
+            try:  # each request in one batch, with the gallery's seed
+                batch_size = request.pop("batch_size", self.num_unconditional)
+                completions = complete(pl_module, modality, **request, batch_size=batch_size, on_skip=warn, **sampling)
+            except UserError as e:  # a ratio that keeps no FFD7 marker of a small image, a budget too small, ...
+                warn(0, str(e))
+                continue
+            if completions and tag == "unconditional":
+                yield tag, [[codec.preview(c.decoded) for c in completions]], completions
+            elif completions:
+                yield tag, [completion_row(codec, c) for c in completions], completions
 
     def _write(self, trainer: L.Trainer, pictures: dict[str, np.ndarray], folder: Path) -> None:
         step = logger_step(trainer)

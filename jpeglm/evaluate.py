@@ -4,11 +4,12 @@ For every prompt ratio r, top-k and top-p, and each of ``seeds`` seeds: every im
 checkpoint's codec, cut after its k-th FFD7 marker (k = int(32 r)), completed by the model and decoded
 (undecodable completions enter as decoded, grey where they broke), all through
 :func:`jpeglm.generation.complete`, and compared with the originals by FID (:mod:`jpeglm.fid`).
-Unconditional FID compares as many unconditional samples with the same originals. The originals are the
-images as the codec prepares them (center crop, resize), before JPEG compression (``codec.reference``).
+Unconditional FID compares as many unconditional samples with the same originals. The FID definition is
+:mod:`jpeglm.fid`'s, with the protocol's reals: the images as the codec prepares them (center crop, resize),
+before JPEG compression (``codec.reference``); results.json records it as ``fid_definition``.
 
 Written to ``output``: ``results.json`` and ``results.md`` (one row per setting: FID mean and std over seeds,
-share of complete streams, tokens/s).
+the paper's FID for the same ratio (``paper``), share of complete streams, tokens/s).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from jpeglm.checkpoints import Precision, load_model, precision_of
 from jpeglm.codecs import Codec
 from jpeglm.errors import UserError
-from jpeglm.fid import add_pictures, fid_metric
+from jpeglm.fid import PAPER_FID, add_pictures, fake_picture, fid_definition, fid_metric, real_picture
 from jpeglm.generation import item_budget, iter_complete
 from jpeglm.inputs import encode_input, find_inputs
 from jpeglm.vocabulary import Modality, pick_modality
@@ -49,6 +50,7 @@ class Row:
     images: int  # completions per seed
     kept: float | None = None  # share of each image the prompt really kept (codec.prompt_share); None: unconditional
     skipped: int = 0  # prompts left out: too long for the model's context
+    paper_fid: float | None = None  # the paper's FID for this ratio on the dataset named by ``paper``, if it has one
 
 
 @dataclass
@@ -63,7 +65,7 @@ class _Run:
     batch_size: int
     feature_batch_size: int
     max_new_tokens: int | None
-    temperature: float
+    sampling: dict[str, Any]  # temperature, constrain
     bar: tqdm
 
 
@@ -76,8 +78,10 @@ def evaluate(
     top_k: list[int | None] = [40, 80],  # noqa: B006
     top_p: list[float] = [0.9, 1.0],  # noqa: B006
     temperature: float = 1.0,
+    constrain: bool = True,
     num_images: int | None = None,
     unconditional: bool = True,
+    paper: Literal["imagenet", "ffhq", "none"] = "imagenet",
     feature_extractor: str = "inception",
     inception_weights: str | None = None,
     batch_size: int = 16,
@@ -87,7 +91,7 @@ def evaluate(
     precision: Precision | None = None,
     progress: bool = True,
 ) -> list[Row]:
-    """Run the paper's FID protocol on a folder of images and write results.json and results.md.
+    """Run the paper's FID protocol on a folder of images, write results.json and results.md; one row per setting.
 
     Args:
         checkpoint: A jpeglm checkpoint (a file, or an FSDP2 sharded directory) trained on JPEG.
@@ -98,8 +102,12 @@ def evaluate(
         top_k: Top-k values to sample with, one setting each (0: all ids).
         top_p: Nucleus sampling thresholds, one setting each (1.0: off).
         temperature: Sampling temperature (the paper: 1.0; 0: greedy).
+        constrain: Sample under the JPEG grammar, so every completion is a whole valid image (--no-constrain: the
+            paper's unconstrained protocol). Recorded in results.json.
         num_images: Use only the first N readable images.
         unconditional: Also compute the FID of as many unconditional samples.
+        paper: Whose published FIDs to show beside these, row by row where the paper has the same ratio: imagenet
+            (its ratios 0.25, 0.5, 0.75 and unconditional are the defaults here), ffhq (0.375, 0.4375, 0.5) or none.
         feature_extractor: FID features: inception (the standard, needs inception_weights) or small (no weights).
         inception_weights: Local path of the FID Inception weights file.
         batch_size: Completions sampled at once.
@@ -108,31 +116,54 @@ def evaluate(
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
         precision: The model's weights in bf16 or fp32 (default: bf16 on a CUDA device, fp32 on CPU).
         progress: Show a progress bar.
-
-    Returns:
-        One row per setting (ratio, top-k, top-p): FID mean and std, complete share, tokens/s, share kept, skips.
     """
-    if seeds < 1:
-        raise UserError(f"seeds must be at least 1, got {seeds}")
-    model, modality, metric = _load(checkpoint, device, precision, feature_extractor, inception_weights)
-    ratios = _distinct(modality.codec, ratios)
+    model, modality, metric = _load(checkpoint, device, precision, feature_extractor, inception_weights, seeds, paper)
+    ratios = [*_distinct(modality.codec, ratios), *([None] if unconditional else [])]  # None: unconditional
     streams = _add_originals(metric, modality, images, num_images, feature_batch_size)
-    settings = [
-        (r, k or None, p) for r in [*ratios, *([None] if unconditional else [])] for k, p in product(top_k, top_p)
-    ]
+    settings = list(product(ratios, [k or None for k in top_k], top_p))
+    sampling = {"temperature": temperature, "constrain": constrain}
     budget = max_new_tokens or item_budget(modality, streams)  # enough to finish any image, within the context
     with tqdm(total=len(settings) * seeds * len(streams), desc="evaluate", unit="sample", disable=not progress) as bar:
-        run = _Run(model, modality, metric, streams, seeds, batch_size, feature_batch_size, budget, temperature, bar)
-        rows = [_evaluate_setting(run, *setting) for setting in settings]
-    meta = {"checkpoint": str(checkpoint), "feature_extractor": feature_extractor, "precision": precision_of(model)}
-    _write(Path(output), rows, {**meta, "temperature": temperature, "codec": modality.codec.spec})
+        run = _Run(model, modality, metric, streams, seeds, batch_size, feature_batch_size, budget, sampling, bar)
+        rows = [_with_paper(_evaluate_setting(run, *setting), paper) for setting in settings]
+    _write(Path(output), rows, {**_meta(checkpoint, run, feature_extractor, paper), **sampling})
     return rows
 
 
+def _meta(checkpoint: str, run: _Run, feature_extractor: str, paper: str) -> dict[str, Any]:
+    """What results.json says beside the rows: the checkpoint, the FID definition used, the codec."""
+    count = len(run.streams)  # reals; fakes: as many per setting and seed (a row's ``images``: those that fitted)
+    return {
+        "checkpoint": str(checkpoint),
+        "feature_extractor": feature_extractor,
+        "fid_definition": fid_definition(run.metric, feature_extractor, "reference", count, count),
+        "paper": paper,
+        "precision": precision_of(run.model),
+        "codec": run.modality.codec.spec,
+    }
+
+
+def _with_paper(row: Row, paper: str) -> Row:
+    """``row`` with the paper's FID for its ratio (unconditional: ratio None) on ``paper``'s dataset, if known."""
+    row.paper_fid = PAPER_FID.get(paper, {}).get(row.ratio)
+    return row
+
+
 def _load(
-    checkpoint: str, device: str | None, precision: Precision | None, feature_extractor: str, weights: str | None
+    checkpoint: str,
+    device: str | None,
+    precision: Precision | None,
+    feature_extractor: str,
+    weights: str | None,
+    seeds: int,
+    paper: str,
 ) -> tuple[Any, Modality, Any]:
-    """The model, its JPEG modality and the FID metric on the model's device (a missing weights file fails first)."""
+    """The model, its JPEG modality and the FID metric on the model's device (bad seeds, an unknown paper dataset or
+    a missing weights file fail first)."""
+    if seeds < 1:
+        raise UserError(f"seeds must be at least 1, got {seeds}")
+    if paper not in (*PAPER_FID, "none"):
+        raise UserError(f"paper must be one of {[*PAPER_FID, 'none']}, got {paper!r}")
     metric = fid_metric(feature_extractor, weights)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, modalities = load_model(checkpoint, device, precision)
@@ -176,7 +207,7 @@ def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: flo
         None if ratio is None else run.streams,
         num_samples=images if ratio is None else None,
         ratio=ratio,
-        temperature=run.temperature,
+        **run.sampling,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
@@ -191,7 +222,7 @@ def _evaluate_seed(run: _Run, ratio: float | None, top_k: int | None, top_p: flo
         new_tokens += sum(c.new_tokens for c in completions)
         complete_count += sum(c.complete for c in completions)
         count += len(completions)
-        fakes = [run.modality.codec.preview(c.decoded) for c in completions]
+        fakes = [fake_picture(run.modality.codec, c.decoded) for c in completions]
         add_pictures(run.metric, fakes, real=False, batch_size=run.feature_batch_size)
     rate = new_tokens / (time.perf_counter() - began)
     advance(1, 1)
@@ -239,40 +270,56 @@ def _originals(modality: Modality, inputs: list[str], limit: int | None, streams
             print(f"skipped {item.name}: {encoded.error}")
             continue
         streams.append(encoded.stream)
-        yield codec.reference(item.path if item.size < 0 else item.read())
+        yield real_picture(codec, item.path if item.size < 0 else item.read(), reals="reference")
         if limit and len(streams) == limit:
             return
 
 
 def _table(rows: list[Row]) -> list[str]:
-    lines = [
-        "| prompt ratio | kept | top-k | top-p | FID | complete | tokens/s | images x seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    """The results as a markdown table; a "paper FID" column when any row has the paper's number beside it."""
+    paper = any(r.paper_fid is not None for r in rows)
+    head = ["prompt ratio", "kept", "top-k", "top-p", "FID", *(["paper FID"] if paper else [])]
+    head += ["complete", "tokens/s", "images x seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         ratio = "unconditional" if r.ratio is None else f"{r.ratio:g}"
         kept = "-" if r.kept is None else f"{r.kept:.0%}"
         skipped = f" ({r.skipped} too long)" if r.skipped else ""
-        lines.append(
-            f"| {ratio} | {kept} | {r.top_k or 'all'} | {r.top_p:g} | {r.fid_mean:.2f} ± {r.fid_std:.2f} | "
-            f"{r.complete_share:.0%} | {r.tokens_per_s:.0f} | {r.images} x {r.seeds}{skipped} |"
-        )
+        cells = [ratio, kept, f"{r.top_k or 'all'}", f"{r.top_p:g}", f"{r.fid_mean:.2f} ± {r.fid_std:.2f}"]
+        cells += ["-" if r.paper_fid is None else f"{r.paper_fid:.2f}"] if paper else []
+        cells += [f"{r.complete_share:.0%}", f"{r.tokens_per_s:.0f}", f"{r.images} x {r.seeds}{skipped}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _write(out: Path, rows: list[Row], meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    definition = meta["fid_definition"]
     lines = [
         f"# jpeglm evaluate: {meta['checkpoint']}",
         "",
-        f"FID ({meta['feature_extractor']} features), mean ± std over seeds; temperature {meta['temperature']:g}.",
+        f"FID ({meta['feature_extractor']} features), mean ± std over seeds; temperature {meta['temperature']:g}; "
+        + ("sampled under the JPEG grammar." if meta["constrain"] else "unconstrained sampling (the paper's)."),
+        f"Reals ({definition['num_reals']}): {definition['reals_are']}; resize before the features: "
+        f"{definition['resize']}.",
         f"Codec: {_codec_line(meta['codec'])}. *kept*: the share of each image the prompt really holds (cuts fall",
         "after FFD7 markers, every eighth restart marker).",
+        *_paper_note(meta["paper"], rows),
         "",
         *_table(rows),
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _paper_note(paper: str, rows: list[Row]) -> list[str]:
+    """The line that says where the "paper FID" column comes from (none when no row has one)."""
+    if not any(r.paper_fid is not None for r in rows):
+        return []
+    return [
+        f"*paper FID*: JPEG-LM's published FID on {'ImageNet' if paper == 'imagenet' else 'FFHQ'} for the same "
+        "ratio (Han et al. 2024); their model, data and sample count, so a guide to the gap, not a like-for-like."
+    ]
 
 
 def _codec_line(spec: dict[str, Any]) -> str:

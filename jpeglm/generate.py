@@ -47,6 +47,7 @@ def generate_samples(
     top_p: float = 0.9,
     seed: int = 0,
     batch_size: int = 8,
+    constrain: bool = True,
     modality: str | None = None,
     tokenizer: str | None = None,
     device: str | None = None,
@@ -68,6 +69,8 @@ def generate_samples(
         top_p: Nucleus sampling threshold (1.0: off).
         seed: Sampling seed; sample i draws with seed + i (its own generator, whatever its batch).
         batch_size: Samples generated at once.
+        constrain: Sample under the codec's stream grammar, so every JPEG is a whole valid image (--no-constrain:
+            the paper's unconstrained sampling; H.264 is never constrained).
         modality: Which modality of a model trained on several to sample, jpeg or avc (default: its first).
         tokenizer: A tokenizer directory to check against the one the checkpoint was trained with.
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
@@ -81,6 +84,7 @@ def generate_samples(
     model, chosen = _load(checkpoint, device, precision, tokenizer, modality)
     names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
     settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+    settings["constrain"] = constrain
     run = {"num_samples": None if streams else num_samples, "seed": seed, "batch_size": batch_size, **settings}
     names = names or [None] * num_samples
     completions, skipped = _complete(model, chosen, streams, names, progress, max_new_tokens=max_new_tokens, **run)

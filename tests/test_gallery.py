@@ -21,7 +21,9 @@ from jpeglm.pictures import completion_row, grid
 
 
 def gallery() -> SampleGallery:
-    return SampleGallery(every_n_steps=2, num_prompts=2, ratios=(0.25, 0.5), num_unconditional=1, max_new_tokens=40)
+    return SampleGallery(
+        every_n_steps=2, num_prompts=2, ratios=(0.25, 0.5), num_unconditional=1, max_new_tokens=40, constrain=False
+    )
 
 
 def test_gallery_images_are_in_the_tensorboard_event_file(tmp_path):
@@ -36,7 +38,8 @@ def test_gallery_images_are_in_the_tensorboard_event_file(tmp_path):
     assert steps == [1, 3]  # after 2 and 4 optimizer steps: where Lightning logs those steps' training values
     assert [e.step for e in events.Scalars("samples/complete")] == steps  # written at once, at the same steps
     picture = events.Images("samples/jpeg/ratio_0.50")[-1]
-    assert (picture.width, picture.height) == (3 * 64 + 2 * 4, 2 * 64 + 4)  # prompt | completion | original, 2 rows
+    # prompt | completion | original, 2 rows; 64 px shown at 2x (jpeglm.pictures) in a 3-px frame, 16-px gaps
+    assert (picture.width, picture.height) == (3 * 134 + 2 * 16, 2 * 134 + 16)
     pngs = sorted((tmp_path / "run").rglob("samples/step*_ratio_0.50.png"))
     assert [p.name[:11] for p in pngs] == ["step0000001", "step0000003"]
     assert 0.0 <= callback.last_scalars["samples/fraction"] <= 1.0
@@ -45,7 +48,7 @@ def test_gallery_images_are_in_the_tensorboard_event_file(tmp_path):
     # The gallery is complete() with its settings: every ratio's prompts in one batch, the gallery's seed.
     pictures = callback.draw(trainer, model, end=True)
     [modality] = media_modalities(trainer.datamodule)
-    sampling = {"temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 0, "max_new_tokens": 40}
+    sampling = {"temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 0, "max_new_tokens": 40, "constrain": False}
     completions = complete(model, modality, originals(modality, 2), ratio=0.5, batch_size=2, **sampling)
     expected = grid([completion_row(modality.codec, c) for c in completions])
     assert np.array_equal(pictures["samples/jpeg/ratio_0.50"], expected)
@@ -66,7 +69,9 @@ class StopAt(L.Callback):
 
 
 def test_a_run_stopped_before_max_steps_draws_no_final_gallery(tmp_path):
-    callback = SampleGallery(every_n_steps=100, num_prompts=1, ratios=(0.5,), num_unconditional=0, max_new_tokens=8)
+    callback = SampleGallery(
+        every_n_steps=100, num_prompts=1, ratios=(0.5,), num_unconditional=0, max_new_tokens=8, constrain=False
+    )
     fit(tmp_path, [callback, StopAt(2)], steps=10)  # a requeue's last seconds are not for sampling
     assert not list((tmp_path / "run").rglob("samples/*.png"))
     fit(tmp_path, [callback], steps=2, name="done")  # reaching max_steps draws one
@@ -76,7 +81,7 @@ def test_a_run_stopped_before_max_steps_draws_no_final_gallery(tmp_path):
 def test_callbacks_leave_training_bit_identical(tmp_path):
     _, plain = fit(tmp_path, [], name="plain")
     fid_callback = FIDCallback(
-        every_n_steps=2, num_samples=3, feature_extractor="small", max_new_tokens=20, batch_size=2
+        every_n_steps=2, num_samples=3, feature_extractor="small", max_new_tokens=20, batch_size=2, constrain=False
     )
     _, watched = fit(tmp_path, [gallery(), fid_callback], name="watched")
     a, b = plain.state_dict(), watched.state_dict()
@@ -162,14 +167,16 @@ def test_prompts_too_long_for_the_context_are_skipped_with_one_warning(tmp_path)
     [modality] = media_modalities(trainer.datamodule)
     lengths = [len(modality.tokenizer.encode(modality.codec.prompt(s, 0.5))) + 2 for s in originals(modality, 3)]
     model.model.config.block_size = sorted(lengths)[1] + 1  # the longest prompt no longer fits
-    callback = SampleGallery(every_n_steps=100, num_prompts=3, ratios=(0.5,), num_unconditional=1, max_new_tokens=4)
-    with pytest.warns(UserWarning, match=r"SampleGallery \(jpeg, ratio 0.5\): skipped \(prompt \d is \d+ tokens"):
+    callback = SampleGallery(
+        every_n_steps=100, num_prompts=3, ratios=(0.5,), num_unconditional=1, max_new_tokens=4, constrain=False
+    )
+    with pytest.warns(UserWarning, match=r"SampleGallery \(jpeg, ratio_0.50\): skipped \(prompt \d is \d+ tokens"):
         pictures = callback.draw(trainer, model, end=True)
-    assert pictures["samples/jpeg/ratio_0.50"].shape[0] == 2 * 64 + 4  # two rows: the prompts that fit
+    assert pictures["samples/jpeg/ratio_0.50"].shape[0] == 2 * 134 + 16  # two rows: the prompts that fit
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once: the next gallery is quiet
         callback.draw(trainer, model, end=True)
-    fid_callback = FIDCallback(num_samples=3, feature_extractor="small", max_new_tokens=4)
+    fid_callback = FIDCallback(num_samples=3, feature_extractor="small", max_new_tokens=4, constrain=False)
     with pytest.warns(UserWarning, match=r"FIDCallback \(jpeg\): skipped"):
         scalars = fid_callback.evaluate(trainer, model, end=True)
     assert np.isfinite(scalars["fid/ratio_0.50"])

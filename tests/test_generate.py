@@ -40,6 +40,7 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
         num_samples=3,
         max_new_tokens=60,
         batch_size=2,
+        constrain=False,
         progress=False,
     )
     written = json.loads((out / "samples.json").read_text())
@@ -55,7 +56,7 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
         assert 0 < r["new_tokens"] <= 60
         assert r["ratio"] == 0.5
     with Image.open(out / "contact_sheet.png") as sheet:
-        assert sheet.size == (3 * 64 + 2 * 4, 3 * 64 + 2 * 4)
+        assert sheet.size == (3 * 134 + 2 * 16, 3 * 134 + 2 * 16)  # 64 px shown at 2x in a 3-px frame, 16-px gaps
     share = np.mean([r["complete"] for r in records])
     line = f"wrote 3 samples to {out} ({share:.0%} complete streams); see samples.json"
     assert generate_module.summary(records) == line
@@ -67,17 +68,17 @@ def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):
         str(tmp_path / "uncond"),
         unconditional=True,
         num_samples=2,
-        max_new_tokens=30,
         precision="bf16",
         progress=False,
     )
+    assert [r["complete"] for r in records] == [True, True]  # under the JPEG grammar (the default): whole images
     assert len(list((tmp_path / "uncond").glob("sample_*.jpg"))) == 2
     assert [(r["prompt"], r["ratio"], r["seed"], r["precision"]) for r in records] == [
         (None, None, 0, "bf16"),
         (None, None, 1, "bf16"),
     ]
     with Image.open(tmp_path / "uncond" / "contact_sheet.png") as sheet:
-        assert sheet.size == (64, 2 * 64 + 4)  # one panel a row
+        assert sheet.size == (134, 2 * 134 + 16)  # one panel a row
 
 
 def test_generate_skips_prompts_too_long_for_the_context(checkpoint, photos, tmp_path, monkeypatch, capsys):
@@ -102,6 +103,7 @@ def test_generate_skips_prompts_too_long_for_the_context(checkpoint, photos, tmp
         prompt_images=[str(p) for p in photos[:3]],
         num_samples=3,
         max_new_tokens=5,
+        constrain=False,
         progress=False,
     )
     longest = lengths.index(max(lengths))
@@ -171,10 +173,23 @@ def test_evaluate_writes_the_table(checkpoint, photos, tmp_path, monkeypatch):
     assert [r.kept for r in rows] == [0.5, 0.5, None, None]
     assert written["codec"] == JpegCodec(size=64).spec
     assert written["temperature"] == 1.0
+    assert written["constrain"] is True  # sampled under the JPEG grammar (the default), recorded
+    definition = written["fid_definition"]  # jpeglm.fid's one definition, with the protocol's reals
+    assert (definition["reals"], definition["num_reals"], definition["feature_extractor"]) == (
+        "reference",
+        len(photos),
+        "small",
+    )
+    assert written["paper"] == "imagenet"  # the default: the paper's ImageNet FIDs beside ours
+    assert [r.paper_fid for r in rows] == [123.09, 123.09, 121.35, 121.35]
+    assert all(r.complete_share == 1.0 for r in rows)  # every completion a whole image
     table = (out / "results.md").read_text()
     assert "| 0.5 | 50% | 40 | 0.9 |" in table
     assert "| unconditional | - | 40 | 1 |" in table
     assert "Codec: size 64, quality 25, subsampling 4:2:0, restart_interval 1" in table
+    assert "| FID | paper FID |" in table
+    assert "| 123.09 |" in table
+    assert f"Reals ({len(photos)}): the images as the codec crops and resizes them, before JPEG compression" in table
     text = evaluate_module.summary(rows)
     assert "| 0.5 | 50% | 40 | 0.9 |" in text
     assert text.endswith("4 settings; see results.md and results.json")
@@ -190,12 +205,15 @@ def test_evaluate_merges_ratios_that_cut_the_same_and_explains_those_that_cannot
         temperature=0.7,
         num_images=3,
         max_new_tokens=8,
+        constrain=False,
         progress=False,
         **common,
     )
     assert [(r.ratio, r.kept) for r in rows] == [(0.5, 0.5)]  # 0.75 keeps the same half of a 64-pixel image
     assert "ratio 0.75 keeps the same 0.5 of each image as ratio 0.5; evaluated once" in capsys.readouterr().out
-    assert json.loads((tmp_path / "e" / "results.json").read_text())["temperature"] == 0.7
+    written = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert (written["temperature"], written["constrain"]) == (0.7, False)  # the paper's unconstrained protocol
+    assert "unconstrained sampling (the paper's)" in (tmp_path / "e" / "results.md").read_text()
     with pytest.raises(UserError, match=r"--ratios 0.25: .* 16 restart intervals, so 2 FFD7 marker\(s\)"):
         evaluate(str(checkpoint), [str(photos[0].parent)], str(tmp_path / "f"), ratios=[0.25], **common)
 

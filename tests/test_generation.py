@@ -332,3 +332,34 @@ def test_kv_cache_bytes_is_the_allocated_cache():
         allocated = sum(t.numel() * t.element_size() for cache in caches for t in (cache.k, cache.v))
         assert sampling.kv_cache_bytes(config, 3, 50, dtype) == allocated
     assert sampling.kv_cache_bytes(config, 3, 50, torch.bfloat16) == 2 * 3 * 3 * 2 * 50 * 16 * 2
+
+
+@pytest.mark.parametrize("groups", [4, 2, 1])  # multi-head, grouped-query and multi-query attention
+def test_the_decode_step_is_litgpt_s_forward(groups):
+    """jpeglm.generation.decode: one cached position without litgpt's module calls gives litgpt's logits and cache."""
+    from litgpt import GPT, Config
+
+    from jpeglm.generation import decode
+
+    config = Config(
+        n_layer=2, n_embd=64, n_head=4, n_query_groups=groups, vocab_size=50, block_size=32, intermediate_size=96,
+        mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", bias=False, parallel_residual=False,
+        rotary_percentage=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours, theirs = GPT(config).eval(), GPT(config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    assert decode.supports(ours)
+    tokens = torch.randint(0, 50, (3, 12))
+    with torch.inference_mode():
+        for model in (ours, theirs):
+            model.set_kv_cache(batch_size=3, max_seq_length=32)
+            model(tokens[:, :8], input_pos=torch.arange(8), input_pos_maxp1=8)  # prefill: litgpt's forward
+        for pos in range(8, 12):
+            mine = decode.decode_step(ours, tokens[:, pos], pos)
+            reference = theirs(tokens[:, pos : pos + 1], input_pos=torch.tensor([pos]), input_pos_maxp1=pos + 1)
+            torch.testing.assert_close(mine, reference[:, -1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.transformer.h, theirs.transformer.h, strict=True):
+        torch.testing.assert_close(a.attn.kv_cache.k[:, :, :12], b.attn.kv_cache.k[:, :, :12])
+        torch.testing.assert_close(a.attn.kv_cache.v[:, :, :12], b.attn.kv_cache.v[:, :, :12])
+    assert not decode.supports(GPT(Config.from_name("pythia-14m")))  # LayerNorm, GELU, parallel residual: litgpt's

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from media import PHOTOS, pan_frames
+from PIL import Image
 
-from jpeglm.codecs import AvcCodec, DecodedImage, DecodedVideo
+from jpeglm.codecs import AvcCodec, DecodedImage, DecodedVideo, JpegCodec
 from jpeglm.errors import UserError
 from jpeglm.generation import (
     Completion,
@@ -81,25 +84,27 @@ def check_fields(completion: Completion, modality: Modality) -> None:
 
 
 def test_unconditional_samples_are_generate_batch_by_batch(lm, jpeg):
-    completions = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40)
+    completions = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40, constrain=False)
     prompts = [[BOS_ID, MODALITIES["jpeg"]]] * 3
     assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 5, 30, top_k=40)
     assert [c.seed for c in completions] == [5, 6, 7]  # seed + index: each sample its own generator
     assert [c.index for c in completions] == [0, 1, 2]
-    [alone] = complete(lm, jpeg, num_samples=1, batch_size=1, seed=6, max_new_tokens=30, top_k=40)
+    [alone] = complete(lm, jpeg, num_samples=1, batch_size=1, seed=6, max_new_tokens=30, top_k=40, constrain=False)
     assert alone.ids == completions[1].ids  # the second sample, reproduced from its own seed alone
     for c in completions:
         assert (c.prompt, c.original) == (b"", None)
         assert 0 < c.new_tokens <= 30
         assert isinstance(c.decoded, DecodedImage)
         check_fields(c, jpeg)
-    again = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40)
+    again = complete(lm, jpeg, num_samples=3, batch_size=2, seed=5, max_new_tokens=30, top_k=40, constrain=False)
     assert [c.ids for c in again] == [c.ids for c in completions]
 
 
 def test_prompts_of_different_lengths_batched(lm, jpeg, jpeg_codec, jpeg_tokenizer, streams):
     sampling = {"temperature": 0.9, "top_k": 20, "top_p": 0.95}
-    completions = complete(lm, jpeg, streams, ratio=0.25, batch_size=2, seed=7, max_new_tokens=40, **sampling)
+    completions = complete(
+        lm, jpeg, streams, ratio=0.25, batch_size=2, seed=7, max_new_tokens=40, **sampling, constrain=False
+    )
     cuts = [jpeg_codec.prompt(s, 0.25) for s in streams]
     prompts = [make_prompt(jpeg_tokenizer, cut) for cut in cuts]
     assert [c.ids for c in completions] == expected_ids(lm, jpeg, prompts, 2, 7, 40, **sampling)
@@ -110,7 +115,7 @@ def test_prompts_of_different_lengths_batched(lm, jpeg, jpeg_codec, jpeg_tokeniz
         check_fields(c, jpeg)
         assert c.fraction >= jpeg_codec.decode(c.prompt).fraction > 0  # the prompt's MCUs stay
     # Prompts given already cut: the same ids, and no original to show.
-    precut = complete(lm, jpeg, cuts, batch_size=2, seed=7, max_new_tokens=40, **sampling)
+    precut = complete(lm, jpeg, cuts, batch_size=2, seed=7, max_new_tokens=40, **sampling, constrain=False)
     assert [c.ids for c in precut] == [c.ids for c in completions]
     assert [c.original for c in precut] == [None] * 3
 
@@ -119,7 +124,9 @@ def test_a_mixed_vocabulary_draws_only_the_modality_s_ids(jpeg_codec, jpeg_token
     shifted = Modality("jpeg", jpeg_tokenizer, offset=100)
     prompt = make_prompt(jpeg_tokenizer, jpeg_codec.prompt(streams[0], 0.25), 100)
     model = tiny_model(jpeg_tokenizer.num_ids + 100, len(prompt) + 40)
-    [c] = complete(model, shifted, streams[:1], ratio=0.25, max_new_tokens=40, temperature=3.0, top_k=None)
+    [c] = complete(
+        model, shifted, streams[:1], ratio=0.25, max_new_tokens=40, temperature=3.0, top_k=None, constrain=False
+    )
     assert c.ids[: len(prompt)] == prompt
     assert all(108 <= i < jpeg_tokenizer.num_ids + 100 or i == EOS_ID for i in c.ids[len(prompt) :])
     check_fields(c, shifted)
@@ -130,7 +137,9 @@ def test_the_budget_is_bounded_by_the_context(jpeg, jpeg_codec, jpeg_tokenizer, 
     context = max(lengths) + 12
     model = tiny_model(jpeg_tokenizer.num_ids, context)
     calls = []
-    completions = complete(model, jpeg, streams, ratio=0.25, batch_size=2, on_progress=lambda *a: calls.append(a))
+    completions = complete(
+        model, jpeg, streams, ratio=0.25, batch_size=2, on_progress=lambda *a: calls.append(a), constrain=False
+    )
     budgets = [context - max(lengths[:2])] * 2 + [context - lengths[2]]  # what each batch's longest prompt leaves
     assert {total for _, total in calls} == {sum(budgets)}
     done = [d for d, _ in calls]
@@ -139,7 +148,9 @@ def test_the_budget_is_bounded_by_the_context(jpeg, jpeg_codec, jpeg_tokenizer, 
     for c, budget in zip(completions, budgets, strict=True):
         assert c.new_tokens <= budget
         assert len(c.ids) <= context
-    more = complete(model, jpeg, streams, ratio=0.25, batch_size=2, max_new_tokens=10**6)  # bounded the same
+    more = complete(
+        model, jpeg, streams, ratio=0.25, batch_size=2, max_new_tokens=10**6, constrain=False
+    )  # bounded the same
     assert [c.ids for c in more] == [c.ids for c in completions]
     small = tiny_model(jpeg_tokenizer.num_ids, min(lengths))
     with pytest.raises(UserError, match=f"prompt 0 is {lengths[0]} tokens, {lengths[0] - min(lengths) + 1} more than"):
@@ -149,17 +160,26 @@ def test_the_budget_is_bounded_by_the_context(jpeg, jpeg_codec, jpeg_tokenizer, 
 def test_prompts_too_long_for_the_context_are_skipped_and_named(jpeg, jpeg_codec, jpeg_tokenizer, streams):
     lengths = [len(make_prompt(jpeg_tokenizer, jpeg_codec.prompt(s, 0.25))) for s in streams]
     shortest = lengths.index(min(lengths))
-    model = tiny_model(jpeg_tokenizer.num_ids, min(lengths) + 5)  # only the shortest prompt leaves room
+    room = min(n for n in lengths if n > min(lengths)) - min(lengths)  # the gap to the next shortest prompt
+    model = tiny_model(jpeg_tokenizer.num_ids, min(lengths) + room)  # only the shortest prompt leaves room
     skipped = []
     completions = complete(
-        model, jpeg, streams, ratio=0.25, batch_size=2, seed=3, on_skip=lambda i, why: skipped.append((i, why))
+        model,
+        jpeg,
+        streams,
+        ratio=0.25,
+        batch_size=2,
+        seed=3,
+        on_skip=lambda i, why: skipped.append((i, why)),
+        constrain=False,
     )
-    too_long = [i for i, n in enumerate(lengths) if n >= min(lengths) + 5]
+    too_long = [i for i, n in enumerate(lengths) if n >= min(lengths) + room]
     assert [i for i, _ in skipped] == too_long
     assert all(f"prompt {i} is {lengths[i]} tokens" in why for i, why in skipped)
     assert [c.index for c in completions] == [i for i in range(len(streams)) if i not in too_long]
-    [alone] = complete(model, jpeg, [streams[shortest]], ratio=0.25, seed=3 + shortest)
-    assert completions[0].ids == alone.ids  # the kept prompt draws with its own seed, as if it were alone
+    [alone] = complete(model, jpeg, [streams[shortest]], ratio=0.25, seed=3 + shortest, constrain=False)
+    [kept] = [c for c in completions if c.index == shortest]
+    assert kept.ids == alone.ids  # a kept prompt draws with its own seed, as if it were alone
 
 
 def test_item_budget(jpeg, jpeg_tokenizer, streams):
@@ -217,7 +237,15 @@ def test_a_video_completion_keeps_whole_frames(avc):
 def test_iter_complete_is_complete_batch_by_batch_and_lazy(lm, jpeg, streams):
     steps = []
     batches = iter_complete(
-        lm, jpeg, streams, ratio=0.25, batch_size=2, seed=3, max_new_tokens=20, on_progress=lambda *a: steps.append(a)
+        lm,
+        jpeg,
+        streams,
+        ratio=0.25,
+        batch_size=2,
+        seed=3,
+        max_new_tokens=20,
+        on_progress=lambda *a: steps.append(a),
+        constrain=False,
     )
     assert steps == []  # nothing generated before the first batch is asked for
     first = next(batches)
@@ -226,7 +254,49 @@ def test_iter_complete_is_complete_batch_by_batch_and_lazy(lm, jpeg, streams):
     assert generated > 0
     rest = [c for batch in batches for c in batch]
     assert len(steps) > generated  # the later batches were generated only when asked for
-    together = complete(lm, jpeg, streams, ratio=0.25, batch_size=2, seed=3, max_new_tokens=20)
+    together = complete(lm, jpeg, streams, ratio=0.25, batch_size=2, seed=3, max_new_tokens=20, constrain=False)
     assert [c.ids for c in first + rest] == [c.ids for c in together]
     with pytest.raises(UserError, match="ratio"):
         iter_complete(lm, jpeg, streams, ratio=1.5)  # checked when called, not at the first batch
+
+
+# ---------------------------------------------------------------------- grammar-constrained sampling
+
+
+@pytest.fixture(scope="module")
+def small_jpeg(photos) -> Modality:
+    """64x64 JPEG (16 MCUs, 2 FFD7 markers) with a 300-symbol tokenizer trained on the photos."""
+    codec = JpegCodec(size=64)
+    streams = [codec.encode(p) for p in photos]
+    return Modality("jpeg", CodecTokenizer.train(streams, "jpeg", 300, codec_spec=codec.spec))
+
+
+def test_constrained_samples_of_an_untrained_model_all_decode_complete(small_jpeg, photos):
+    model = tiny_model(small_jpeg.tokenizer.num_ids, 1000)  # untrained: it draws anything the mask allows
+    sampling = {"temperature": 1.0, "top_k": None, "seed": 1, "max_new_tokens": 250, "batch_size": 4}
+    free = complete(model, small_jpeg, num_samples=4, constrain=False, **sampling)
+    assert sum(c.complete for c in free) < 4  # the paper's unconstrained sampling: broken streams
+    constrained = complete(model, small_jpeg, num_samples=4, **sampling)
+    streams = [small_jpeg.codec.encode(p) for p in photos[:3]]
+    constrained += complete(model, small_jpeg, streams, ratio=0.5, **sampling)
+    for c in constrained:
+        assert c.complete, c.stream[-8:]
+        assert c.fraction == 1.0
+        assert c.new_tokens <= 250
+        assert c.ids[-1] != EOS_ID or c.stream.endswith(b"\xff\xd9")  # the codec stop ends it right after EOI
+        with Image.open(io.BytesIO(small_jpeg.codec.to_jpeg(c.stream))) as im:
+            im.load()  # Pillow reads it whole, no truncation
+    assert [c.prompt for c in constrained[4:]] == [small_jpeg.codec.prompt(s, 0.5) for s in streams]
+
+
+def test_constrained_prompts_are_checked_before_sampling(small_jpeg, photos):
+    model = tiny_model(small_jpeg.tokenizer.num_ids, 400)
+    stream = small_jpeg.codec.encode(photos[0])
+    broken = bytearray(small_jpeg.codec.prompt(stream, 0.5))
+    broken[len(small_jpeg.codec.header) + 3 : len(small_jpeg.codec.header) + 5] = b"\xff\x12"  # not stuffing
+    with pytest.raises(UserError, match=r"prompt 0 is not the beginning of a valid stream: byte \d+"):
+        complete(model, small_jpeg, [bytes(broken)], max_new_tokens=50)
+    with pytest.raises(UserError, match="prompt 0 needs at least .* more tokens to end a valid stream"):
+        complete(model, small_jpeg, num_samples=1, max_new_tokens=5)
+    [c] = complete(model, small_jpeg, [bytes(broken)], max_new_tokens=5, constrain=False)  # the old way: allowed
+    assert not c.complete

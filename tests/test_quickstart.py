@@ -4,6 +4,7 @@ README.md opens with a bash block of two lines: the first installs the project a
 the second runs these tests. ``.ci/run`` reads the same block, so the README cannot drift from what works.
 """
 
+import json
 import math
 import os
 import re
@@ -77,11 +78,13 @@ def test_quick_start_trains_validates_samples_and_checkpoints(tmp_path):
     jpeglm = quick_start()[0]
     sample = subprocess.run(
         [jpeglm, "generate", "--checkpoint", str(checkpoint), "--unconditional", "--num-samples", "2",
-         "--max-new-tokens", "64", "--device", "cpu", "--output", str(tmp_path / "samples"), "--no-progress"],
+         "--device", "cpu", "--output", str(tmp_path / "samples"), "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert len(list((tmp_path / "samples").glob("sample_*.jpg"))) == 2
+    records = json.loads((tmp_path / "samples" / "samples.json").read_text())["samples"]
+    assert [(r["complete"], r["constrain"]) for r in records] == [(True, True)] * 2  # the grammar: whole images
     export = subprocess.run(
         [jpeglm, "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--format", "hf"],
         capture_output=True, text=True, env=env, timeout=300,

@@ -9,6 +9,7 @@ from jpeglm.generation.pipeline import Completion, complete, item_budget, iter_c
 from jpeglm.generation.sampling import (
     CodecStop,
     Constraint,
+    GrammarConstraint,
     Stop,
     codec_stop,
     generate,
@@ -24,6 +25,7 @@ __all__ = [
     "CodecStop",
     "Completion",
     "Constraint",
+    "GrammarConstraint",
     "Stop",
     "codec_stop",
     "complete",

@@ -7,8 +7,10 @@ callback, ``jpeglm generate`` and ``jpeglm evaluate`` all call it. It owns, for 
   ``[bos, tag]`` alone for unconditional samples;
 - the token budget: ``max_new_tokens``, never more than the context the longest prompt of a batch leaves
   (:func:`item_budget` gives the usual "enough for any of these items" budget);
-- the ids that may be drawn (the modality's own BPE ids and eos: :func:`~jpeglm.generation.tokenizer_mask`)
-  and the stop at the end of the first whole item (:func:`~jpeglm.generation.codec_stop`);
+- the ids that may be drawn: by default (``constrain``) those the codec's stream grammar allows next
+  (``codec.grammar``, :class:`~jpeglm.generation.GrammarConstraint`: JPEG), so every sample is a valid stream that
+  ends within its budget; otherwise the modality's own BPE ids and eos (:func:`~jpeglm.generation.tokenizer_mask`);
+- the stop at the end of the first whole item (:func:`~jpeglm.generation.codec_stop`);
 - batching; sample ``i`` draws with its own seed, ``seed + i``, whatever batch it is in;
 - prompts too long for the model's context: an error naming the prompt, or (``on_skip``) skipped and reported;
 - the bytes of the item each sequence holds (:func:`~jpeglm.generation.sequence_bytes`) and their decode.
@@ -28,7 +30,14 @@ from litgpt import GPT
 
 from jpeglm.codecs import Codec, Decoded
 from jpeglm.errors import UserError
-from jpeglm.generation.sampling import codec_stop, generate, make_prompt, sequence_bytes, tokenizer_mask
+from jpeglm.generation.sampling import (
+    GrammarConstraint,
+    codec_stop,
+    generate,
+    make_prompt,
+    sequence_bytes,
+    tokenizer_mask,
+)
 from jpeglm.vocabulary import Modality
 
 Progress = Callable[[int, int], None]
@@ -91,6 +100,7 @@ def complete(
     max_new_tokens: int | None = None,
     on_progress: Progress | None = None,
     on_skip: Skip | None = None,
+    constrain: bool = True,
 ) -> list[Completion]:
     """Complete codec streams (or sample from nothing) with one modality of a model, and decode the results.
 
@@ -113,28 +123,20 @@ def complete(
         on_skip: called as ``on_skip(index, reason)`` for each prompt that leaves no room in the model's
             context, which is then skipped (its completion is missing from the result: see ``index``).
             None: such a prompt is an error.
+        constrain: sample under the codec's stream grammar (``codec.grammar``, JPEG): every id keeps the stream a
+            valid prefix and can still end within the budget, so every sample decodes complete. False: the
+            paper's unconstrained sampling (only the modality's ids and eos). Codecs without a grammar (H.264)
+            are never constrained.
 
     Returns:
         One :class:`Completion` per prompt (or sample), in order.
 
     Raises:
-        UserError: bad settings, a prompt not cut at ``ratio``, or (no ``on_skip``) one the context cannot hold.
+        UserError: bad settings, a prompt not cut at ``ratio``, (no ``on_skip``) one the context cannot hold, or
+            (``constrain``) one that is not a valid prefix of the codec's streams or cannot end within its budget.
     """
-    batches = iter_complete(
-        model,
-        modality,
-        prompts,
-        num_samples=num_samples,
-        ratio=ratio,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        on_progress=on_progress,
-        on_skip=on_skip,
-    )
+    arguments = dict(locals())  # every parameter, as given: complete() is iter_complete() gathered
+    batches = iter_complete(**arguments)
     return [completion for batch in batches for completion in batch]
 
 
@@ -153,6 +155,7 @@ def iter_complete(
     max_new_tokens: int | None = None,
     on_progress: Progress | None = None,
     on_skip: Skip | None = None,
+    constrain: bool = True,
 ) -> Iterator[list[Completion]]:
     """:func:`complete`, one batch at a time: the same arguments, the same completions, in lists of ``batch_size``.
 
@@ -171,8 +174,11 @@ def iter_complete(
     batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
     budgets = [_budget(gpt, [ids[i] for i in b], max_new_tokens) for b in batches]
     progress = _Progress(sum(len(b) * n for b, n in zip(batches, budgets, strict=True)), on_progress)
+    grammar = _grammar(codec, modality, gpt.config.vocab_size, constrain)
+    for b, budget in zip(batches, budgets, strict=True):
+        _check_grammar(grammar, [cuts[i] for i in b], b, budget)
     allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
-    run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
+    run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p}, grammar)
 
     def batches_of_completions() -> Iterator[list[Completion]]:
         for b, budget in zip(batches, budgets, strict=True):
@@ -207,6 +213,12 @@ class _Batch:
     modality: Modality
     allowed: torch.Tensor
     sampling: dict[str, Any]
+    grammar: Any = None  # the codec's token grammar when sampling is constrained
+
+    @property
+    def skip(self) -> int:
+        """Leading ids of every prompt that are not stream bytes: ``[bos, tag]``, or ``[bos]`` without a tag."""
+        return len(make_prompt(self.modality.tokenizer, b"", self.modality.offset))
 
     def __call__(
         self,
@@ -225,7 +237,7 @@ class _Batch:
             self.gpt,
             ids,
             budget,
-            allowed=self.allowed,
+            allowed=self.allowed if self.grammar is None else GrammarConstraint(self.grammar, skip=self.skip),
             stop=codec_stop(codec, tok, offset),
             seed=seeds,
             on_step=progress.step,
@@ -304,6 +316,28 @@ def _prompt_streams(
         except ValueError as e:
             raise UserError(f"cannot cut prompt {index} at ratio {ratio}: {e}") from e
     return cuts, [bytes(p) for p in prompts]
+
+
+def _grammar(codec: Codec, modality: Modality, vocab_size: int, constrain: bool) -> Any:
+    """The codec's token grammar over the model's ids when sampling is constrained (None: not, or no grammar)."""
+    return codec.grammar(modality.tokenizer, modality.offset, vocab_size) if constrain else None
+
+
+def _check_grammar(grammar: Any, cuts: list[bytes], indices: list[int], budget: int) -> None:
+    """Refuse, before any sampling, a prompt that is not a valid stream prefix or cannot end within ``budget``."""
+    if grammar is None:
+        return
+    for index, cut in zip(indices, cuts, strict=True):
+        try:
+            state = grammar.check_prefix(cut)
+        except ValueError as e:
+            raise UserError(f"prompt {index} is not the beginning of a valid stream: {e}") from e
+        if grammar.finish_cost(state) > budget:
+            raise UserError(
+                f"prompt {index} needs at least {grammar.finish_cost(state)} more tokens to end a valid stream, but "
+                f"only {budget} new tokens are allowed (max_new_tokens or the context); allow more, or sample "
+                "without the grammar (constrain=False)"
+            )
 
 
 def _fitting(ids: list[list[int]], context: int, on_skip: Skip | None) -> list[int]:

@@ -46,6 +46,7 @@ import torch
 from litgpt import GPT, Config
 
 from jpeglm import _compat
+from jpeglm.generation import decode
 from jpeglm.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL, CodecTokenizer
 
 _PREFILL_CHUNK = 1024  # positions per forward when filling the KV cache with the prompts
@@ -122,11 +123,12 @@ class Constraint(Protocol):
     """Which ids each running sequence may draw next, from what it holds so far (e.g. a grammar of the stream).
 
     Called before each draw with the running sequences (each one's prompt and the ids generated so far; the
-    same list object, grown, from step to step); returns an (A, vocab_size) bool mask, at least one id
-    allowed per row. Rows still inside a longer prompt are given the prompt's next id whatever the mask says.
+    same list object, grown, from step to step) and how many ids each may still draw, this one included;
+    returns an (A, vocab_size) bool mask, at least one id allowed per row. Rows still inside a longer prompt are
+    given the prompt's next id whatever the mask says.
     """
 
-    def __call__(self, sequences: list[list[int]]) -> torch.Tensor: ...
+    def __call__(self, sequences: list[list[int]], remaining: list[int]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -140,10 +142,12 @@ class _Sampler:
     vocab_size: int
     allowed: torch.Tensor | Constraint | None  # (V,) or (B, V) bool, or a constraint
 
-    def __call__(self, logits: torch.Tensor, prompts: list[int], sequences: list[list[int]]) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, prompts: list[int], sequences: list[list[int]], remaining: list[int]
+    ) -> torch.Tensor:
         logits = logits[:, : self.vocab_size]  # (A, V): the padding columns of the head are no ids
         if callable(self.allowed):
-            allowed = self.allowed(sequences).to(logits.device)
+            allowed = self.allowed(sequences, remaining).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
         elif self.allowed is not None:
             allowed = self.allowed if self.allowed.dim() == 1 else self.allowed[prompts]
@@ -335,10 +339,13 @@ def _generate(
     if use_kv_cache:
         gpt.set_kv_cache(batch_size=len(prompts), max_seq_length=total, device=device, dtype=compute_dtype(gpt))
     forward = _cached_forward if use_kv_cache else _full_forward
+    if use_kv_cache and decode.supports(gpt):  # one position per step without litgpt's per-module overhead
+        forward = _decode_forward
     start = min(lengths)
     logits = _prefill(gpt, tokens, start, use_kv_cache)  # (A, padded V)
     for pos in range(start, total):
-        ids = sampler(logits, running, [outputs[i] for i in running])  # (A,)
+        left = [max_new_tokens - max(pos - lengths[i], 0) for i in running]  # ids each may still draw, this one too
+        ids = sampler(logits, running, [outputs[i] for i in running], left)  # (A,)
         if pos < max(lengths[i] for i in running):  # a prompt's own ids until it is used up
             in_prompt = torch.tensor([pos < lengths[i] for i in running], device=device)  # (A,)
             ids = torch.where(in_prompt, tokens[:, pos], ids)
@@ -391,6 +398,11 @@ def _cached_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> tor
     """Run positions ``begin:end`` of ``tokens`` (A, total) on the KV cache: (A, padded V) logits at ``end - 1``."""
     input_pos = torch.arange(begin, end, device=tokens.device)  # (T,)
     return gpt(tokens[:, begin:end], input_pos=input_pos, input_pos_maxp1=end)[:, -1]
+
+
+def _decode_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """:func:`_cached_forward` of one position (``end == begin + 1``): :func:`.decode.decode_step`."""
+    return decode.decode_step(gpt, tokens[:, begin], begin)
 
 
 def _full_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
@@ -448,9 +460,11 @@ def tokenizer_mask(tokenizer: CodecTokenizer, num_ids_model: int, offset: int = 
 
 def make_prompt(tokenizer: CodecTokenizer, stream: bytes = b"", offset: int = 0) -> list[int]:
     """``[bos, tag]`` followed by the ids of ``stream`` (moved by ``offset``): an empty stream gives the
-    unconditional prompt; for a completion pass ``codec.prompt(stream, ...)``."""
+    unconditional prompt; for a completion pass ``codec.prompt(stream, ...)``. A tokenizer without a tag
+    (``tag_id`` None: the released JPEG-LM vocabulary) gives ``[bos]`` and the ids."""
     ids = tokenizer.shift(np.asarray(tokenizer.encode(stream), dtype=np.int64), offset)
-    return [BOS_ID, tokenizer.tag_id, *ids.tolist()]
+    tag = [] if tokenizer.tag_id is None else [tokenizer.tag_id]
+    return [BOS_ID, *tag, *ids.tolist()]
 
 
 def token_pieces(tokenizer: CodecTokenizer, offset: int = 0) -> list[bytes]:
@@ -526,3 +540,39 @@ def codec_stop(codec: Any, tokenizer: CodecTokenizer, offset: int = 0) -> CodecS
     prompt); the id holding the item's last byte is kept, see :class:`CodecStop`.
     """
     return CodecStop(codec, tokenizer, offset)
+
+
+class GrammarConstraint:
+    """A :class:`Constraint` that keeps every sequence a valid prefix of its codec's streams (``codec.grammar``).
+
+    Each sequence's grammar state is kept between steps (by the identity of its growing list, as
+    :class:`CodecStop` does) and moved by its new ids only; the mask of a state is the grammar's (cached there),
+    restricted so that the stream can still end within the ids the sequence may still draw. Make one per
+    :func:`generate` call.
+
+    Args:
+        grammar: a token grammar (``start``, ``step``, ``allowed(state, budget)``), e.g.
+            :class:`~jpeglm.codecs.grammar.TokenGrammar` from ``codec.grammar(tokenizer, offset, vocab_size)``.
+        skip: leading ids of every sequence that are not stream bytes (``[bos, tag]``: 2; ``[bos]`` without a tag: 1).
+    """
+
+    def __init__(self, grammar: Any, skip: int = 2) -> None:
+        self.grammar, self.skip = grammar, skip
+        self._states: dict[int, tuple[list[int], int, Any]] = {}  # id(sequence) -> (sequence, ids walked, state)
+
+    def __call__(self, sequences: list[list[int]], remaining: list[int]) -> torch.Tensor:
+        pairs = zip(sequences, remaining, strict=True)
+        return torch.stack([self.grammar.allowed(self.state(ids), budget) for ids, budget in pairs])  # (A, vocab_size)
+
+    def state(self, ids: list[int]) -> Any:
+        """The grammar state after the stream bytes of ``ids`` (walking only the ids added since the last call)."""
+        known = self._states.get(id(ids))
+        if known is None or known[0] is not ids or known[1] > len(ids):
+            known = (ids, self.skip, self.grammar.start)
+        _, walked, state = known
+        for position in range(walked, len(ids)):
+            state = self.grammar.step(state, ids[position])
+            if state is None:
+                raise ValueError(f"id {ids[position]} at position {position} breaks the stream's grammar")
+        self._states[id(ids)] = (ids, len(ids), state)
+        return state

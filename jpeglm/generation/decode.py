@@ -1,0 +1,100 @@
+"""One decoding step of a Llama-shaped litgpt ``GPT`` on its KV cache, without litgpt's per-module call overhead.
+
+Sampling one token per step spends most of its time outside the arithmetic when the model is small (the quick
+start's 1M-parameter model on a CPU: about 57 module calls, a rope/mask gather and several reshapes per token
+per block). :func:`decode_step` computes exactly what ``GPT.forward(idx, input_pos=[pos], input_pos_maxp1=pos+1)``
+computes for one new position, for the configurations :func:`supports` accepts (Llama: RMSNorm, SwiGLU
+``LLaMAMLP``, full rotary embeddings, no biases, no soft-capping, no post-norms, sequential residuals), in the
+same order of operations, so greedy ids are the same as litgpt's (``tests/test_generation.py`` checks the logits).
+It reads the modules' weights and writes litgpt's own ``KVCache`` buffers, so prefill (litgpt's forward) and
+decoding share one cache. Anything else (other architectures, FSDP2-sharded or compiled blocks) uses litgpt's
+forward unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from litgpt import GPT
+from litgpt.model import Block, LLaMAMLP, RMSNorm
+
+
+def supports(gpt: GPT) -> bool:
+    """Whether :func:`decode_step` computes this model's forward exactly (a plain Llama-shaped litgpt GPT)."""
+    c = gpt.config
+    blocks = list(gpt.transformer.h)
+    plain = all(type(b) is Block and type(b.norm_1) is type(b.norm_2) is RMSNorm for b in blocks)
+    llama = (
+        all(type(block.mlp) is LLaMAMLP for block in blocks)
+        and c.rope_n_elem == c.head_size
+        and not (c.bias or c.attn_bias or c.parallel_residual or c.shared_attention_norm)
+        and c.attention_logit_softcapping is None
+        and c.final_logit_softcapping is None
+        and not c.scale_embeddings
+        and not c.norm_qk
+        and c.rope_indices is None
+        and not c.post_attention_norm
+        and not c.post_mlp_norm
+        and c.sliding_window_size is None
+    )
+    sharded = any(hasattr(module, "unshard") for module in gpt.modules())  # FSDP2 modules: litgpt's forward
+    return plain and llama and not sharded and type(gpt.transformer.ln_f) is RMSNorm
+
+
+def decode_step(gpt: GPT, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    """Logits ``(A, padded V)`` for one new id per row at position ``pos``, written into the KV cache.
+
+    Args:
+        gpt: a model :func:`supports` accepts, with its KV cache set (``set_kv_cache``) for at least ``A`` rows.
+        tokens: ``(A,)`` the ids at position ``pos``.
+        pos: the position they take (earlier positions are in the cache).
+    """
+    c, rows = gpt.config, tokens.size(0)
+    x = gpt.transformer.wte(tokens[:, None])  # (A, 1, C)
+    cos, sin = gpt.cos[pos : pos + 1][None, None], gpt.sin[pos : pos + 1][None, None]  # (1, 1, 1, hs)
+    heads, groups, size = c.n_head, c.n_query_groups, c.head_size
+    scale = 1.0 / math.sqrt(c.attention_scores_scalar or size)
+    for norm_1, qkv, proj, norm_2, fc_1, fc_2, down, cache in _layers(gpt):
+        # Attention: one query per row, which sees every cached position (no mask needed).
+        qk, v = F.linear(_rms(norm_1, x), qkv).split(((heads + groups) * size, groups * size), dim=-1)
+        qk = _rope(qk.view(rows, 1, heads + groups, size).transpose(1, 2), cos, sin)  # (A, nh + ng, 1, hs)
+        q, k = qk[:, :heads], qk[:, heads:]
+        if cache.k.dtype != k.dtype:  # as KVCache.forward: the buffers follow the activations' dtype (autocast)
+            cache.k, cache.v = cache.k.to(k.dtype), cache.v.to(v.dtype)
+        cache.k[:rows, :, pos : pos + 1] = k
+        cache.v[:rows, :, pos : pos + 1] = v.view(rows, 1, groups, size).transpose(1, 2)
+        keys, values = cache.k[:rows, :, : pos + 1], cache.v[:rows, :, : pos + 1]
+        if groups != heads and groups != 1:
+            keys = keys.repeat_interleave(heads // groups, dim=1)
+            values = values.repeat_interleave(heads // groups, dim=1)
+        y = F.scaled_dot_product_attention(q, keys, values, scale=scale)  # (A, nh, 1, hs)
+        x = x + F.linear(y.transpose(1, 2).reshape(rows, 1, heads * size), proj)
+        h = _rms(norm_2, x)
+        x = x + F.linear(F.silu(F.linear(h, fc_1)) * F.linear(h, fc_2), down)
+    return F.linear(_rms(gpt.transformer.ln_f, x), gpt.lm_head.weight)[:, -1]  # (A, padded V)
+
+
+def _layers(gpt: GPT) -> list[tuple]:
+    """Each block's norms, weights and KV cache, looked up once per step (``nn.Module`` attribute access is slow)."""
+    return [
+        (b.norm_1, b.attn.qkv.weight, b.attn.proj.weight, b.norm_2, b.mlp.fc_1.weight, b.mlp.fc_2.weight,
+         b.mlp.proj.weight, b.attn.kv_cache)
+        for b in gpt.transformer.h
+    ]  # fmt: skip
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """litgpt's ``apply_rope`` for ``(A, heads, 1, hs)`` and ``(1, 1, 1, hs)`` tables."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+
+
+def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """litgpt's ``RMSNorm.forward``, in the same order of operations."""
+    dtype, x = x.dtype, x.float()
+    normed = x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + norm.eps)
+    weight = (1 + norm.weight) if norm.add_unit_offset else norm.weight
+    return (normed * weight.float()).to(dtype=dtype)
