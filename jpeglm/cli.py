@@ -93,6 +93,12 @@ COMMANDS: dict[str, Command] = {
         "write a checkpoint as a Hugging Face Llama or litgpt checkpoint directory",
         summary="summary",
     ),
+    "import": Command(
+        "jpeglm.hf_import",
+        "hf_import",
+        "turn the released JPEG-LM weights (a Hugging Face Llama directory) into a jpeglm checkpoint",
+        summary="summary",
+    ),
     "prepare": Command(
         "jpeglm.prepare",
         "prepare",

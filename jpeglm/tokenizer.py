@@ -89,7 +89,10 @@ class CodecTokenizer:
         self.tokenizer = tokenizer
         self.modality = modality
         self.codec_spec = codec_spec
-        self.tag_id = MODALITIES[modality]
+        # The tag that follows bos in a sample, as the tokenizer's template writes it: jpeglm's tokenizers all have
+        # one; the released JPEG-LM vocabulary (`jpeglm import`, jpeglm/hf_import.py) has none, so None.
+        template = tokenizer.encode("", add_special_tokens=True).ids
+        self.tag_id: int | None = MODALITIES[modality] if MODALITIES[modality] in template else None
 
     def __repr__(self) -> str:
         return f"CodecTokenizer(modality={self.modality!r}, vocab_size={self.vocab_size})"

@@ -214,11 +214,13 @@ def test_every_command_line_of_the_readme_parses(calls):
     recorded = {name: calls(name) for name in TYPED_COMMANDS}
     for argv in commands:
         assert main(argv) == 0, argv
-    generate, unconditional = recorded["generate"]
+    generate, unconditional, _released = recorded["generate"]
     assert generate["prompt_images"] == ["photos/"]
     assert (generate["ratio"], generate["num_samples"], generate["top_k"], generate["top_p"]) == (0.5, 8, 40, 0.9)
     assert (unconditional["unconditional"], unconditional["prompt_images"]) == (True, None)
-    (evaluate,) = recorded["evaluate"]
+    evaluate, released = recorded["evaluate"]
+    assert (released["num_images"], released["constrain"]) == (5000, False)  # the paper's protocol, unconstrained
+    assert [(c["hf"], c["output"]) for c in recorded["import"]] == [("jpeg-lm/", "released/jpeg-lm.ckpt")]
     assert (evaluate["ratios"], evaluate["top_k"], evaluate["top_p"]) == ([0.25, 0.5, 0.75], [40, 80], [0.9, 1.0])
     assert (evaluate["seeds"], evaluate["inception_weights"], evaluate["unconditional"]) == (3, "weights.pth", True)
     assert recorded["consolidate"] == [{"checkpoint": "CKPT_DIR", "output": "model.ckpt"}]
