@@ -38,20 +38,9 @@ USER_ERRORS = (UserError, CodecError, MisconfigurationException)
 """Exceptions that mean the command, config or data is wrong; anything else is a bug and keeps its traceback."""
 
 
-DEFAULT_LOGGER = {
-    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "", "name": "tensorboard"},
-}
-"""``jpeglm fit``'s logger unless a config names one: TensorBoard in ``<default_root_dir>/tensorboard``."""
-
-
 class JpeglmCLI(LightningCLI):
     """LightningCLI with the data -> model links that keep a recipe from disagreeing with its data, and
-    everything a run writes under ``trainer.default_root_dir`` (:func:`under_root_dir`, :data:`DEFAULT_LOGGER`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["trainer_defaults"] = {"logger": DEFAULT_LOGGER, **(kwargs.get("trainer_defaults") or {})}
-        super().__init__(*args, **kwargs)
+    everything a run writes under ``trainer.default_root_dir`` (:func:`under_root_dir`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.seq_len", "model.seq_len")
@@ -67,10 +56,10 @@ class JpeglmCLI(LightningCLI):
 def under_root_dir(trainer: Any) -> None:
     """Put the run's files under ``trainer.default_root_dir`` wherever a recipe does not name a place itself.
 
-    A logger with an empty ``save_dir`` (as the default logger, :data:`DEFAULT_LOGGER`) writes under the root
-    directory, and a ``ModelCheckpoint`` without ``dirpath`` into ``<root>/checkpoints``; so a recipe names its run
-    directory once (``default_root_dir``), and a run derived from it with ``--trainer.default_root_dir runs/mine``
-    writes everything there.
+    Lightning's default logger (a recipe that names none: TensorBoard in ``<root>/lightning_logs``) is there
+    already; a logger with an empty ``save_dir`` is put there too, and a ``ModelCheckpoint`` without ``dirpath``
+    writes into ``<root>/checkpoints``. So a recipe names its run directory once (``default_root_dir``), and a run
+    derived from it with ``--trainer.default_root_dir runs/mine`` writes everything there.
     """
     root = trainer.get("default_root_dir") or os.getcwd()
     loggers = trainer.get("logger")

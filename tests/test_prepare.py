@@ -478,7 +478,7 @@ def test_prepare_vocab_size_and_a_vocabulary_smaller_than_asked(tmp_path, capsys
         ]
     )
     assert code == 2
-    assert "vocab_size applies only when no --tokenizer is given" in capsys.readouterr().err
+    assert "--vocab-size applies only when no --tokenizer is given" in capsys.readouterr().err
 
 
 def test_files_of_other_types_are_skipped_with_one_word_and_one_reason(photos, tmp_path, capsys):

@@ -97,14 +97,23 @@ def test_a_derived_run_writes_under_its_own_root_dir(recipe, tmp_path):
     under_root_dir(trainer)
     root = trainer.default_root_dir
     assert root == f"runs/{recipe.stem}"  # named after the recipe
-    assert trainer.logger.init_args.save_dir == root  # the default logger: TensorBoard
+    assert trainer.logger is None  # Lightning's default: TensorBoard under default_root_dir
     [checkpoints] = [c for c in trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
     assert checkpoints.init_args.dirpath == f"{root}/checkpoints"
     mine = parse(recipe, "--trainer.default_root_dir", str(tmp_path / "mine")).trainer
     under_root_dir(mine)
-    assert mine.logger.init_args.save_dir == str(tmp_path / "mine")
+    assert mine.logger is None
     assert [c.init_args.dirpath for c in mine.callbacks if "dirpath" in (c.get("init_args") or {})] == [
         str(tmp_path / "mine/checkpoints")
     ]
     settings = [line.split("#")[0] for line in recipe.read_text().splitlines()]  # without the comments
     assert sum(f"runs/{recipe.stem}" in line for line in settings) == 1  # named once
+
+
+def test_a_logger_without_a_place_writes_under_the_root_dir(tmp_path):
+    from jpeglm.train import under_root_dir
+
+    logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ""}}'
+    trainer = parse(RECIPES[-1], "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", logger).trainer
+    under_root_dir(trainer)
+    assert trainer.logger.init_args.save_dir == str(tmp_path)
