@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_deprecation
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from litdata import CombinedStreamingDataset
 
 from jpeglm._compat import combined_members, combined_weights, local_dir, samples_yielded, world_size
@@ -187,10 +187,22 @@ class MixedDataModule(StreamingDataModule):
         return self.members[int(np.argmax(counts))] if max(counts) else None
 
     def setup(self, stage: str) -> None:
-        """Check that every member with a positive weight has blocks of ``seq_len + 1`` ids."""
+        """Check that every member with a positive weight has blocks of ``seq_len + 1`` ids.
+
+        Warns about a member whose validation split holds fewer blocks than a batch: litdata drops each member's
+        last partial batch, so that member never reaches validation and its per-modality curves stay NaN.
+        """
         for info in self.members:
             if info.weight > 0:
                 check_blocks(self._split_dir(info, "train"), self.seq_len)
+            directory = info.dataset.split_dir("val")
+            blocks = count_blocks(directory, self.seq_len + 1) if directory is not None else 0
+            if blocks < self.batch_size:
+                rank_zero_warn(
+                    f"mixture member {info.path} ({info.modality}) has {blocks} validation blocks of "
+                    f"{self.seq_len + 1} ids, fewer than a batch ({self.batch_size}): it is left out of validation "
+                    f"and val/loss_{info.modality} is NaN; give it more data or a larger validation share"
+                )
 
     def _split_dir(self, info: MixtureMember, split: str) -> Path:
         directory = info.dataset.split_dir(split)

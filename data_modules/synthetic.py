@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from jpeglm.codecs import AvcCodec, JpegCodec
 from jpeglm.data_modules.codec import PreparedDataModule
 from jpeglm.errors import UserError
+from jpeglm.prepare import codec_settings
 from jpeglm.shards import PreparedDataset, read_dataset
 from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, CodecTokenizer
 
@@ -99,6 +100,13 @@ def _scene(rng: np.random.Generator, width: int, height: int):
     return draw
 
 
+def _make_codec(modality: str, size: int) -> JpegCodec | AvcCodec:
+    """The codec the set is encoded with: its defaults but the size (clips three quarters as high)."""
+    if modality == "jpeg":
+        return JpegCodec(size=size)
+    return AvcCodec(width=size, height=size * 3 // 4, fps=_VIDEO_FPS, seconds=_VIDEO_SECONDS)
+
+
 class SyntheticDataModule(PreparedDataModule):
     """A ``CodecDataModule`` over procedural images (or clips) that it makes and prepares itself.
 
@@ -148,6 +156,8 @@ class SyntheticDataModule(PreparedDataModule):
             "vocab_size": tokenizer_vocab_size or DEFAULT_VOCAB_SIZE[modality],
             "val_fraction": val_fraction,
             "seed": seed,
+            # The codec's settings, defaults included: a changed default (JPEG's resize filter) is a new cache.
+            "codec": codec_settings(_make_codec(modality, image_size)),
         }
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
         root = Path(cache_dir or os.environ.get("JPEGLM_CACHE", "~/.cache/jpeglm")).expanduser()
@@ -180,11 +190,8 @@ class SyntheticDataModule(PreparedDataModule):
             shutil.rmtree(leftover, ignore_errors=True)
         inputs.mkdir()
         modality, size = self.settings["modality"], self.settings["image_size"]
-        if modality == "jpeg":
-            codec, files = JpegCodec(size=size), self._write_images(inputs, size)
-        else:
-            codec = AvcCodec(width=size, height=size * 3 // 4, fps=_VIDEO_FPS, seconds=_VIDEO_SECONDS)
-            files = self._write_clips(inputs, codec)
+        codec = _make_codec(modality, size)
+        files = self._write_images(inputs, size) if modality == "jpeg" else self._write_clips(inputs, codec)
         streams = [codec.encode(path) for path in files]
         tokenizer = CodecTokenizer.train(streams, modality, self.settings["vocab_size"], codec_spec=codec.spec)
         tokenizer.save(tokenizer_dir)

@@ -18,8 +18,9 @@ it adds around litgpt's ``GPT``:
   ``min_lr_ratio * learning_rate`` over ``trainer.max_steps``, gradient clipping by norm.
 - Checkpoints carry the tokenizers and codec specs of the data (``jpeglm_vocabulary``, see jpeglm/vocabulary.py),
   which the data module hands over through :class:`~jpeglm.vocabulary.DescribesVocabulary` in ``setup``.
-- Logged: loss, bits per byte of the codec stream (when the data module gives token byte lengths),
-  per-modality loss, learning rate, gradient norm; ``flops_per_batch`` for Lightning's ThroughputMonitor.
+- Logged: loss, bits per byte of the codec stream (when the data module gives token byte lengths), per-modality
+  loss and bits per byte on mixed data (``loss_<modality>``, ``bits_per_byte_<modality>``), learning rate,
+  gradient norm; ``flops_per_batch`` for Lightning's ThroughputMonitor.
 - A non-finite loss skips the step on every rank with a counted warning; ``max_bad_steps`` in a row stop
   the run with a message that says what to try.
 """
@@ -208,29 +209,43 @@ class CodecLM(L.LightningModule):
         self._log_details("test", losses, targets, batch, sync_dist=True)
 
     def _log_details(self, stage: str, losses, targets, batch, sync_dist: bool = False) -> None:
-        if self.token_bytes is not None:
-            self.token_bytes = self.token_bytes.to(losses.device)
-            nbytes = self.token_bytes[targets.clamp(max=len(self.token_bytes) - 1)].sum()
-            bpb = losses.sum() / math.log(2) / nbytes.clamp(min=1)
+        nbytes = self._target_bytes(targets)  # (B,) bytes each sequence's targets stand for, or None
+        if nbytes is not None:
+            bpb = bits_per_byte(losses, nbytes)
             self.log(f"{stage}/bits_per_byte", bpb, prog_bar=stage != "train", sync_dist=sync_dist)
         modality = batch.get("modality")
         if modality is None:
             return
-        per_sequence = losses.mean(dim=1)  # (B,)
         if not sync_dist:  # training: the modalities of this batch
             if modality.unique().numel() > 1:
                 for tag in modality.unique().tolist():
-                    name = _MODALITY_NAMES.get(tag, str(tag))
-                    self.log(f"{stage}/loss_{name}", per_sequence[modality == tag].mean())
+                    self._log_modality(stage, _MODALITY_NAMES.get(tag, str(tag)), losses, nbytes, modality == tag)
             return
         # Validation and test are reduced across ranks at the epoch's end, metric by metric: every rank must log
         # the same names, so each logs every modality of the data, weighted by its sequences (0 when absent).
         tags = sorted({MODALITIES[r["modality"]] for r in self.vocabulary if r.get("modality") in MODALITIES})
         for tag in tags if len(tags) > 1 else []:
-            chosen = modality == tag
-            count = int(chosen.sum())
-            value = per_sequence[chosen].mean() if count else per_sequence.new_zeros(())
-            self.log(f"{stage}/loss_{_MODALITY_NAMES[tag]}", value, batch_size=count, sync_dist=True)
+            self._log_modality(stage, _MODALITY_NAMES[tag], losses, nbytes, modality == tag, sync_dist=True)
+
+    def _target_bytes(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bytes of codec stream (or text) each sequence's targets stand for; None without byte lengths."""
+        if self.token_bytes is None:
+            return None
+        self.token_bytes = self.token_bytes.to(targets.device)
+        return self.token_bytes[targets.clamp(max=len(self.token_bytes) - 1)].sum(dim=1)
+
+    def _log_modality(self, stage, name, losses, nbytes, chosen, sync_dist: bool = False) -> None:
+        """``<stage>/loss_<name>`` and ``<stage>/bits_per_byte_<name>`` of the ``chosen`` (B,) sequences.
+
+        Each is weighted by the count of chosen sequences (as the pooled values by the batch size); a batch without
+        the modality logs 0 with weight 0, so that every rank logs every name (see :meth:`_log_details`).
+        """
+        count = int(chosen.sum())
+        loss = losses[chosen].mean() if count else losses.new_zeros(())
+        self.log(f"{stage}/loss_{name}", loss, batch_size=count, sync_dist=sync_dist)
+        if nbytes is not None:
+            bpb = bits_per_byte(losses[chosen], nbytes[chosen]) if count else losses.new_zeros(())
+            self.log(f"{stage}/bits_per_byte_{name}", bpb, batch_size=count, sync_dist=sync_dist)
 
     def _skip_non_finite(self, loss: torch.Tensor) -> bool:
         """True (on every rank) when any rank's loss is NaN/inf: the step is skipped everywhere."""
@@ -291,6 +306,16 @@ class CodecLM(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def bits_per_byte(losses: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
+    """Bits per byte of a batch: its summed loss in bits over the bytes its targets stand for.
+
+    Args:
+        losses: (B, T) nats per target token.
+        nbytes: (B,) bytes the targets of each sequence stand for (special ids count 0 bytes but their loss counts).
+    """
+    return losses.sum() / math.log(2) / nbytes.sum().clamp(min=1)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -2,6 +2,17 @@
 
 Shared by the sample gallery (TensorBoard) and ``jpeglm generate`` (``contact_sheet.png``). Each panel is a
 codec's ``preview`` of a decoded stream: the image, or a video's frames side by side.
+
+Two things make a grid readable at a glance:
+
+- Small pictures are enlarged. A grid whose tallest panel is under :data:`MIN_PANEL_HEIGHT` (128) pixels is
+  scaled up by the smallest whole factor that reaches it, with nearest-neighbour scaling (each pixel becomes a
+  k x k block, so JPEG blocks and macroblocks stay sharp): a 64x64 picture is shown at 128x128, a strip of
+  64x48 video frames 144 high. One factor for the whole grid, so panels keep their relative sizes. 128 rather
+  than more: a row of three video strips is already about 3,600 pixels wide at 3x.
+- Every panel has a :data:`BORDER`-pixel dark grey frame around it and :data:`GAP` pixels of white between it
+  and the next. A video's frames are separated by white only (``PREVIEW_GAP``, 4 pixels, enlarged with the
+  strip: 12 at 3x), so one framed box is one clip and clips sit further apart than frames.
 """
 
 from __future__ import annotations
@@ -14,8 +25,13 @@ if TYPE_CHECKING:
     from jpeglm.codecs import Codec
     from jpeglm.generation import Completion
 
-GAP = 4
+GAP = 16
 """Pixels of white between panels and between rows."""
+BORDER = 3
+"""Pixels of the dark grey frame drawn around every panel (outside it)."""
+BORDER_COLOR = (64, 64, 64)
+MIN_PANEL_HEIGHT = 128
+"""Grids whose tallest panel is lower than this are enlarged by a whole factor (nearest neighbour) to reach it."""
 
 
 def picture(codec: Codec, stream: bytes) -> np.ndarray:
@@ -36,8 +52,25 @@ def completion_row(codec: Codec, completion: Completion) -> list[np.ndarray]:
     return panels
 
 
+def enlargement(panels: list[np.ndarray], min_height: int = MIN_PANEL_HEIGHT) -> int:
+    """The whole factor that makes the tallest panel at least ``min_height`` pixels high (1: big enough)."""
+    tallest = max(p.shape[0] for p in panels)
+    return max(1, -(-min_height // max(tallest, 1)))
+
+
+def framed(panel: np.ndarray, scale: int = 1) -> np.ndarray:
+    """A panel enlarged ``scale`` times (nearest neighbour) inside a ``BORDER``-pixel grey frame: (H, W, 3) uint8."""
+    if scale > 1:
+        panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w = panel.shape[:2]
+    out = np.empty((h + 2 * BORDER, w + 2 * BORDER, 3), np.uint8)
+    out[:] = BORDER_COLOR
+    out[BORDER : BORDER + h, BORDER : BORDER + w] = panel
+    return out
+
+
 def row(panels: list[np.ndarray]) -> np.ndarray:
-    """Panels side by side, top-aligned, white gaps between them: (H, W, 3) uint8."""
+    """Panels side by side, top-aligned, white gaps between them: (H, W, 3) uint8 (panels as given: no frame)."""
     h = max(p.shape[0] for p in panels)
     gap = np.full((h, GAP, 3), 255, np.uint8)
     parts = []
@@ -46,9 +79,14 @@ def row(panels: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts[:-1], axis=1)
 
 
-def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """Panels laid out in rows (each row left to right), white gaps between them: (H, W, 3) uint8."""
-    lines = [row(r) for r in rows]
+def grid(rows: list[list[np.ndarray]], min_height: int = MIN_PANEL_HEIGHT) -> np.ndarray:
+    """Panels laid out in rows (each row left to right), each framed, white gaps between them: (H, W, 3) uint8.
+
+    Enlarged as a whole when its panels are small (module docstring): a panel of ``h x w`` pixels takes
+    ``(k h + 2 BORDER) x (k w + 2 BORDER)`` with ``k = enlargement(panels, min_height)``.
+    """
+    scale = enlargement([p for r in rows for p in r], min_height)
+    lines = [row([framed(p, scale) for p in r]) for r in rows]
     w = max(line.shape[1] for line in lines)
     gap = np.full((GAP, w, 3), 255, np.uint8)
     parts = []

@@ -201,3 +201,59 @@ def test_validation_logs_every_modality_of_the_data_on_every_rank(tmp_path):
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
     assert metrics["val/loss_jpeg"] == pytest.approx(metrics["val/loss"], rel=1e-5)
     assert math.isnan(metrics["val/loss_avc"])  # logged all the same, with no sequences behind it
+
+
+class KnownLosses(CodecLM):
+    """Per-token losses given by the batch (kept in the graph), so that logged metrics can be checked by hand."""
+
+    def _losses(self, batch):
+        losses, targets = super()._losses(batch)
+        return batch["losses"] + 0 * losses, targets
+
+
+class HandMadeBatch(L.LightningDataModule):
+    """One batch of three sequences (two images, one video) whose targets stand for known bytes."""
+
+    def __init__(self, modalities: tuple[int, ...] = (3, 4, 3)) -> None:
+        super().__init__()
+        self.tags = modalities
+
+    def modalities(self) -> list:
+        return []
+
+    def token_byte_lengths(self) -> list[int]:
+        return [0] * 8 + [1] * 16 + [3] * 16  # specials 0 bytes, ids 8-23 one byte, 24-39 three
+
+    def train_dataloader(self):
+        ids = torch.tensor([[10, 8, 24], [10, 24, 25], [10, 1, 9]])  # targets: 1+3, 3+3 and 0+1 bytes
+        losses = torch.tensor([[1.0, 2.0], [3.0, 3.0], [0.5, 0.5]])  # nats per target
+        rows = zip(ids, self.tags, losses, strict=True)
+        data = [{"input_ids": i, "modality": torch.tensor(t), "losses": x} for i, t, x in rows]
+        return torch.utils.data.DataLoader(data, batch_size=3)
+
+    val_dataloader = train_dataloader
+
+
+def test_bits_per_byte_per_modality_is_each_modality_s_bits_over_its_bytes(tmp_path):
+    model = KnownLosses(model_overrides=TINY, vocab_size=40, seq_len=2, learning_rate=0.0, warmup_steps=1)
+    model.vocabulary = [{"modality": "jpeg"}, {"modality": "avc"}]  # what setup() reads from a MixedDataModule
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, HandMadeBatch())
+    trained = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    trainer.validate(model, HandMadeBatch())
+    validated = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    bits = 1 / math.log(2)
+    for stage, metrics in (("train", trained), ("val", validated)):
+        assert metrics[f"{stage}/bits_per_byte"] == pytest.approx((1 + 2 + 6 + 0.5 + 0.5) * bits / (4 + 6 + 1))
+        assert metrics[f"{stage}/bits_per_byte_jpeg"] == pytest.approx((1 + 2 + 0.5 + 0.5) * bits / (4 + 1))
+        assert metrics[f"{stage}/bits_per_byte_avc"] == pytest.approx(6 * bits / 6)
+        assert metrics[f"{stage}/loss_jpeg"] == pytest.approx(1.0)  # nats per token, as before
+        assert metrics[f"{stage}/loss_avc"] == pytest.approx(3.0)
+
+    trainer.validate(model, HandMadeBatch((3, 3, 3)))  # a rank whose batches hold no video logs it all the same
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    assert metrics["val/bits_per_byte_jpeg"] == pytest.approx(metrics["val/bits_per_byte"])
+    assert math.isnan(metrics["val/bits_per_byte_avc"])  # weight 0: no sequences behind it
