@@ -78,8 +78,9 @@ def jpeglm_greedy(model: CodecLM, prompts: list[list[int]], new_tokens: int) -> 
     return generate(model, prompts, new_tokens, temperature=0, eos_id=None)
 
 
-def hf_greedy(hf, prompts: list[list[int]], new_tokens: int, vocab: int) -> list[list[int]]:
-    ids = torch.tensor(prompts)  # (B, P): equal lengths, no padding
+def hf_greedy(hf, prompts: list[list[int]], new_tokens: int, vocab: int, device: str = "cpu") -> list[list[int]]:
+    """Hugging Face greedy generate: no eos, never the head's padding ids (rows ``vocab`` and above)."""
+    ids = torch.tensor(prompts, device=device)  # (B, P): equal lengths, no padding
     with torch.inference_mode():
         out = hf.generate(
             ids,

@@ -80,6 +80,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from bench_generate import hf_greedy  # the same Hugging Face baseline as the CPU benchmark (this folder)
 from litgpt import GPT, Config
 
 from jpeglm._compat import checkpoint_wrapper
@@ -598,21 +599,6 @@ def make_prompts(sample: SampleSetup) -> list[list[int]]:
     return [[BOS_ID, MODALITIES["jpeg"], *row] for row in ids.tolist()]
 
 
-def hf_greedy(hf: Any, prompts: list[list[int]], new_tokens: int, device: torch.device) -> list[list[int]]:
-    """Hugging Face greedy generate: no eos, the head's padding rows suppressed (as bench_generate.py)."""
-    ids = torch.tensor(prompts, device=device)  # (B, P)
-    with torch.inference_mode():
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            suppress_tokens=list(range(VOCAB, hf.config.vocab_size)),
-        )
-    return out.tolist()
-
-
 def timed(run: Callable[[], list[list[int]]], device: torch.device) -> tuple[list[list[int]], float]:
     sync(device)
     start = time.perf_counter()
@@ -658,9 +644,9 @@ def sampling_rows(sample: SampleSetup) -> list[Row]:
     prompts, n = make_prompts(sample), sample.new_tokens
     warm = min(16, n)
     generate(model, prompts, warm, temperature=0, eos_id=None)  # warm-up, both sides
-    hf_greedy(hf, prompts, warm, sample.device)
+    hf_greedy(hf, prompts, warm, VOCAB, sample.device)
     ours, t_ours = timed(lambda: generate(model, prompts, n, temperature=0, eos_id=None), sample.device)
-    theirs, t_theirs = timed(lambda: hf_greedy(hf, prompts, n, sample.device), sample.device)
+    theirs, t_theirs = timed(lambda: hf_greedy(hf, prompts, n, VOCAB, sample.device), sample.device)
     assert all(len(ids) == sample.prompt + n for ids in ours + theirs), "a side stopped early"
     tokens = sample.batch * n
     layers = sample.overrides["n_layer"]
