@@ -363,3 +363,76 @@ def test_the_decode_step_is_litgpt_s_forward(groups):
         torch.testing.assert_close(a.attn.kv_cache.k[:, :, :12], b.attn.kv_cache.k[:, :, :12])
         torch.testing.assert_close(a.attn.kv_cache.v[:, :, :12], b.attn.kv_cache.v[:, :, :12])
     assert not decode.supports(GPT(Config.from_name("pythia-14m")))  # LayerNorm, GELU, parallel residual: litgpt's
+
+
+# ---------------------------------------------------------------------- classifier-free guidance
+
+CAPTIONED = [[BOS_ID, 5, 30, 31, 32, 3], [BOS_ID, 5, 33, 3, 9, 10], [BOS_ID, 5, 34, 35, 3]]
+TWINS = [[BOS_ID, 3], [BOS_ID, 3, 9, 10], [BOS_ID, 3]]
+
+
+def guided_by_hand(model, prompt, twin, scale, new_tokens, allowed):
+    """Greedy guided ids computed the slow way: each branch recomputed alone at every step, then mixed."""
+    gpt, cond, uncond = model.model, list(prompt), list(twin)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            c = gpt(torch.tensor([cond]))[0, -1, :VOCAB].float()
+            u = gpt(torch.tensor([uncond]))[0, -1, :VOCAB].float()
+            mixed = (u + scale * (c - u)).masked_fill(~allowed, float("-inf"))
+            token = int(mixed.argmax())
+            cond.append(token)
+            uncond.append(token)
+    return cond[len(prompt) :]
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_guidance_mixes_each_prompt_with_its_twin(model, scale):
+    allowed = modality_mask(VOCAB, 8, 30)  # the "image" ids and eos
+    out = generate(
+        model, CAPTIONED, 6, temperature=0.0, allowed=allowed, eos_id=None,
+        guidance=sampling.Guidance(TWINS, scale),
+    )  # fmt: skip
+    for prompt, twin, sequence in zip(CAPTIONED, TWINS, out, strict=True):
+        assert sequence[: len(prompt)] == prompt
+        assert sequence[len(prompt) :] == guided_by_hand(model, prompt, twin, scale, 6, allowed)
+
+
+def test_guidance_at_scale_one_is_conditional_sampling(model):
+    plain = generate(model, CAPTIONED, 8, temperature=1.0, seed=5, eos_id=None)
+    guided = generate(model, CAPTIONED, 8, temperature=1.0, seed=5, eos_id=None, guidance=sampling.Guidance(TWINS, 1.0))
+    assert guided == plain
+
+
+def test_guidance_at_scale_zero_samples_the_twins(model):
+    """Scale 0 draws from the unconditional branch alone: what the twins get sampled on their own, same seeds."""
+    alone = generate(model, TWINS, 8, temperature=1.0, seed=9, eos_id=None)
+    guided = generate(model, CAPTIONED, 8, temperature=1.0, seed=9, eos_id=None, guidance=sampling.Guidance(TWINS, 0.0))
+    assert generated(guided, CAPTIONED) == generated(alone, TWINS)
+
+
+def test_guidance_pairs_end_together_and_stops_see_the_prompts(model):
+    seen = []
+
+    def stop(sequence):
+        seen.append(len(sequence))
+        return len(sequence) if sequence[1] == 5 and len(sequence) >= 9 else None
+
+    out = generate(model, CAPTIONED, 20, temperature=1.0, seed=1, stop=stop, guidance=sampling.Guidance(TWINS, 2.0))
+    assert [len(s) for s in out] == [9, 9, 9]
+
+
+def test_guidance_is_refused_without_one_twin_per_prompt(model):
+    with pytest.raises(ValueError, match="one unconditional prompt per prompt"):
+        generate(model, CAPTIONED, 4, guidance=sampling.Guidance(TWINS[:2], 2.0))
+    with pytest.raises(ValueError, match="KV cache"):
+        generate(model, CAPTIONED, 4, use_kv_cache=False, guidance=sampling.Guidance(TWINS, 2.0))
+
+
+def test_a_sampled_sequence_does_not_depend_on_the_other_prompts_of_its_batch(model):
+    """Prompts of different lengths: a row still reading its prompt must not use its own generator's draws."""
+    batch = generate(model, PROMPTS, 12, temperature=1.0, seed=[7, 8, 9], eos_id=None)
+    alone = [
+        generate(model, [p], 12, temperature=1.0, seed=[s], eos_id=None)[0]
+        for p, s in zip(PROMPTS, [7, 8, 9], strict=True)
+    ]
+    assert batch == alone

@@ -43,37 +43,52 @@ def supports(gpt: GPT) -> bool:
     return plain and llama and not sharded and type(gpt.transformer.ln_f) is RMSNorm
 
 
-def decode_step(gpt: GPT, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+def decode_step(gpt: GPT, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
     """Logits ``(A, padded V)`` for one new id per row at position ``pos``, written into the KV cache.
 
     Args:
         gpt: a model :func:`supports` accepts, with its KV cache set (``set_kv_cache``) for at least ``A`` rows.
         tokens: ``(A,)`` the ids at position ``pos``.
-        pos: the position they take (earlier positions are in the cache).
+        pos: the position they take (earlier positions are in the cache); ``(A,)`` for a position per row
+            (rows at earlier positions do not see the cache beyond theirs).
     """
     c, rows = gpt.config, tokens.size(0)
     x = gpt.transformer.wte(tokens[:, None])  # (A, 1, C)
-    cos, sin = gpt.cos[pos : pos + 1][None, None], gpt.sin[pos : pos + 1][None, None]  # (1, 1, 1, hs)
-    heads, groups, size = c.n_head, c.n_query_groups, c.head_size
+    where, last, mask = _where(pos, rows, tokens.device)
+    cos, sin = gpt.cos[pos], gpt.sin[pos]
+    cos, sin = (cos[None, None], sin[None, None]) if mask is None else (cos[:, None, None], sin[:, None, None])
+    heads, groups, size = c.n_head, c.n_query_groups, c.head_size  # cos, sin: (1 or A, 1, 1, hs)
     scale = 1.0 / math.sqrt(c.attention_scores_scalar or size)
     for norm_1, qkv, proj, norm_2, fc_1, fc_2, down, cache in _layers(gpt):
-        # Attention: one query per row, which sees every cached position (no mask needed).
+        # Attention: one query per row, which sees every cached position up to its own.
         qk, v = F.linear(_rms(norm_1, x), qkv).split(((heads + groups) * size, groups * size), dim=-1)
         qk = _rope(qk.view(rows, 1, heads + groups, size).transpose(1, 2), cos, sin)  # (A, nh + ng, 1, hs)
         q, k = qk[:, :heads], qk[:, heads:]
         if cache.k.dtype != k.dtype:  # as KVCache.forward: the buffers follow the activations' dtype (autocast)
             cache.k, cache.v = cache.k.to(k.dtype), cache.v.to(v.dtype)
-        cache.k[:rows, :, pos : pos + 1] = k
-        cache.v[:rows, :, pos : pos + 1] = v.view(rows, 1, groups, size).transpose(1, 2)
-        keys, values = cache.k[:rows, :, : pos + 1], cache.v[:rows, :, : pos + 1]
+        cache.k[where] = k[:, :, 0] if mask is not None else k
+        cache.v[where] = (
+            v.view(rows, groups, size) if mask is not None else v.view(rows, 1, groups, size).transpose(1, 2)
+        )
+        keys, values = cache.k[:rows, :, : last + 1], cache.v[:rows, :, : last + 1]
         if groups != heads and groups != 1:
             keys = keys.repeat_interleave(heads // groups, dim=1)
             values = values.repeat_interleave(heads // groups, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, scale=scale)  # (A, nh, 1, hs)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # (A, nh, 1, hs)
         x = x + F.linear(y.transpose(1, 2).reshape(rows, 1, heads * size), proj)
         h = _rms(norm_2, x)
         x = x + F.linear(F.silu(F.linear(h, fc_1)) * F.linear(h, fc_2), down)
     return F.linear(_rms(gpt.transformer.ln_f, x), gpt.lm_head.weight)[:, -1]  # (A, padded V)
+
+
+def _where(pos: int | torch.Tensor, rows: int, device: torch.device) -> tuple[tuple, int, torch.Tensor | None]:
+    """Where the new keys go in the cache, the last position any row sees, and the (A, 1, 1, last + 1) mask of the
+    positions each row sees (None when all rows are at ``pos``: every cached position is seen)."""
+    if isinstance(pos, int):
+        return (slice(0, rows), slice(None), slice(pos, pos + 1)), pos, None
+    last = int(pos.max())
+    mask = torch.arange(last + 1, device=device)[None, :] <= pos[:, None]  # (A, last + 1)
+    return (torch.arange(rows, device=device), slice(None), pos), last, mask[:, None, None, :]
 
 
 def _layers(gpt: GPT) -> list[tuple]:

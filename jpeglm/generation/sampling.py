@@ -131,6 +131,33 @@ class Constraint(Protocol):
     def __call__(self, sequences: list[list[int]], remaining: list[int]) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance for :func:`generate`: each prompt's unconditional twin, and the scale.
+
+    The twins run in the same batch and KV cache as the prompts (the batch doubles). At each step the logits of
+    prompt ``i`` and of its twin are mixed as ``uncond + scale * (cond - uncond)`` before the mask, temperature,
+    top-k and top-p; the id drawn from the mix is appended to both, so both hold the same new ids. Scale 1 is
+    plain conditional sampling, 0 unconditional. A twin shorter than its prompt waits at position 0 (it is fed its
+    first id again) until the two are level, so neither is padded: each computes what it would compute alone.
+
+    Attributes:
+        prompts: the unconditional prompt of each prompt (e.g. ``[bos, image tag]`` for a caption's
+            ``[bos, text tag, caption..., image tag]``), in the same order.
+        scale: the guidance scale ``s``.
+    """
+
+    prompts: Sequence[Sequence[int]]
+    scale: float
+
+    def mix(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """(R, V) logits ``uncond + scale * (cond - uncond)`` (ids masked to -inf in either stay -inf)."""
+        if self.scale == 1.0:
+            return cond
+        mixed = uncond + self.scale * (cond - uncond)
+        return mixed.masked_fill(torch.isinf(cond) | torch.isinf(uncond) | torch.isnan(mixed), float("-inf"))
+
+
 @dataclass
 class _Sampler:
     """Draws the next id of each running sequence from the model's logits, under the ``allowed`` mask."""
@@ -142,17 +169,49 @@ class _Sampler:
     vocab_size: int
     allowed: torch.Tensor | Constraint | None  # (V,) or (B, V) bool, or a constraint
 
+    guidance: Guidance | None = None
+
     def __call__(
-        self, logits: torch.Tensor, prompts: list[int], sequences: list[list[int]], remaining: list[int]
+        self,
+        logits: torch.Tensor,
+        prompts: list[int],
+        sequences: list[list[int]],
+        remaining: list[int],
+        reading: list[bool] | None = None,
     ) -> torch.Tensor:
+        """(A,) ids drawn for the running rows; rows still ``reading`` their prompt draw from a scratch generator, so
+        a sequence's own generator serves its new ids only, whatever the other prompts of the batch."""
         logits = logits[:, : self.vocab_size]  # (A, V): the padding columns of the head are no ids
+        reading = reading or [False] * len(prompts)
+        if self.guidance is None:
+            return self._draw(logits, prompts, sequences, remaining, reading)
+        # Rows of prompt i >= n are the unconditional twins of prompt i - n: one draw per pair, from the mixed logits.
+        n, row_of = len(self.guidance.prompts), {p: r for r, p in enumerate(prompts)}
+        cond = [r for r, p in enumerate(prompts) if p < n]
+        twins = [row_of[prompts[r] + n] for r in cond]
+        mixed = self.guidance.mix(logits[cond].float(), logits[twins].float())  # (A / 2, V)
+        pick = [prompts[r] for r in cond], [sequences[r] for r in cond], [remaining[r] for r in cond]
+        drawn = self._draw(mixed, *pick, [reading[r] for r in cond])  # (A / 2,)
+        ids = torch.empty(len(prompts), dtype=torch.long, device=logits.device)
+        ids[cond], ids[twins] = drawn, drawn
+        return ids
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        prompts: list[int],
+        sequences: list[list[int]],
+        remaining: list[int],
+        reading: list[bool],
+    ) -> torch.Tensor:
         if callable(self.allowed):
             allowed = self.allowed(sequences, remaining).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
         elif self.allowed is not None:
             allowed = self.allowed if self.allowed.dim() == 1 else self.allowed[prompts]
             logits = logits.masked_fill(~allowed, float("-inf"))
-        generators = [self.generators[i] for i in prompts]
+        scratch = torch.Generator(device=logits.device)
+        generators = [scratch if busy else self.generators[i] for i, busy in zip(prompts, reading, strict=True)]
         return sample_logits(logits, self.temperature, self.top_k, self.top_p, generators)  # (A,)
 
 
@@ -173,6 +232,7 @@ def generate(
     eos_id: int | None = EOS_ID,
     use_kv_cache: bool = True,
     on_step: Callable[[int], None] | None = None,
+    guidance: Guidance | None = None,
 ) -> list[list[int]]:
     """Continue every prompt with up to ``max_new_tokens`` sampled ids, all prompts in one batch.
 
@@ -199,6 +259,8 @@ def generate(
         eos_id: the id that ends a sequence (None: no id does).
         use_kv_cache: False recomputes the whole forward at every step (the same ids, slower).
         on_step: called after each step with the number of ids it generated (sequences past their prompt).
+        guidance: classifier-free guidance (:class:`Guidance`): each prompt's unconditional twin runs in the same
+            batch, and ids are drawn from the mixed logits; ``allowed``, ``stop`` and eos see the prompts' rows.
 
     Returns:
         One list per prompt: the prompt (an exact prefix) followed by the generated ids.
@@ -208,15 +270,41 @@ def generate(
     device = gpt.lm_head.weight.device
     generators = _generators(seed, len(prompts), device)
     mask = allowed if callable(allowed) else _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device)
-    sampler = _Sampler(temperature, top_k, top_p, generators, gpt.config.vocab_size, mask)
+    sampler = _Sampler(temperature, top_k, top_p, generators, gpt.config.vocab_size, mask, guidance)
+    rows, delays = _guided_rows(gpt, prompts, max_new_tokens, guidance, use_kv_cache)
     training = model.training
     model.eval()
     try:
         with _without_autograd(gpt), gathered(model):
-            return _generate(gpt, prompts, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step)
+            out = _generate(gpt, rows, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step, delays)
+        return (
+            out
+            if delays is None
+            else [sequence[delay:] for sequence, delay in zip(out, delays, strict=True)][: len(prompts)]
+        )
     finally:
         gpt.clear_kv_cache()
         model.train(training)
+
+
+def _guided_rows(
+    gpt: GPT, prompts: list[list[int]], max_new_tokens: int, guidance: Guidance | None, use_kv_cache: bool
+) -> tuple[list[list[int]], list[int] | None]:
+    """The batch's rows (the prompts, then their unconditional twins) and each row's delay.
+
+    The shorter of a pair is led by copies of its first id, so both reach their new ids at the same step (their
+    positions: :func:`_positions`)."""
+    if guidance is None:
+        return prompts, None
+    twins = _check_arguments(gpt, gpt, guidance.prompts, max_new_tokens)
+    if len(twins) != len(prompts):
+        raise ValueError(f"guidance needs one unconditional prompt per prompt: got {len(twins)} for {len(prompts)}")
+    if not use_kv_cache:
+        raise ValueError("guidance runs on the KV cache (use_kv_cache=True)")
+    level = [max(len(a), len(b)) for a, b in zip(prompts, twins, strict=True)]
+    rows = prompts + twins
+    delays = [length - len(row) for length, row in zip(level + level, rows, strict=True)]
+    return [[row[0]] * delay + row for row, delay in zip(rows, delays, strict=True)], delays
 
 
 def _generators(seed: int | Sequence[int], count: int, device: torch.device) -> list[torch.Generator]:
@@ -325,6 +413,7 @@ def _generate(
     eos_id: int | None,
     use_kv_cache: bool,
     on_step: Callable[[int], None] | None = None,
+    delays: list[int] | None = None,
 ) -> list[list[int]]:
     outputs = [list(p) for p in prompts]
     if max_new_tokens == 0:
@@ -335,34 +424,42 @@ def _generate(
     tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)  # (A, total): prompts, then draws
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt)
+    lag = None if delays is None else torch.tensor(delays, device=device)  # (A,): a row's position is pos - lag
     running = list(range(len(prompts)))  # the prompt of each batch row
     if use_kv_cache:
         gpt.set_kv_cache(batch_size=len(prompts), max_seq_length=total, device=device, dtype=compute_dtype(gpt))
     forward = _cached_forward if use_kv_cache else _full_forward
     if use_kv_cache and decode.supports(gpt):  # one position per step without litgpt's per-module overhead
         forward = _decode_forward
+    twins = len(prompts) if sampler.guidance is None else len(sampler.guidance.prompts)  # rows >= twins: guidance
     start = min(lengths)
-    logits = _prefill(gpt, tokens, start, use_kv_cache)  # (A, padded V)
+    logits = _prefill(gpt, tokens, start, use_kv_cache, lag)  # (A, padded V)
     for pos in range(start, total):
         left = [max_new_tokens - max(pos - lengths[i], 0) for i in running]  # ids each may still draw, this one too
-        ids = sampler(logits, running, [outputs[i] for i in running], left)  # (A,)
-        if pos < max(lengths[i] for i in running):  # a prompt's own ids until it is used up
-            in_prompt = torch.tensor([pos < lengths[i] for i in running], device=device)  # (A,)
-            ids = torch.where(in_prompt, tokens[:, pos], ids)
+        reading = [pos < lengths[i] for i in running]  # rows still inside their prompt
+        ids = sampler(logits, running, [outputs[i] for i in running], left, reading)  # (A,)
+        if any(reading):  # a prompt's own ids until it is used up
+            ids = torch.where(torch.tensor(reading, device=device), tokens[:, pos], ids)
         tokens[:, pos] = ids
-        ended = [
-            pos >= lengths[i] and _extend(outputs[i], token, lengths[i], max_new_tokens, eos_id, stop)
-            for i, token in zip(running, tokens[:, pos].tolist(), strict=True)
-        ]
+        ended: dict[int, bool] = {}
+        for i, token in zip(running, tokens[:, pos].tolist(), strict=True):
+            if i >= twins and pos >= lengths[i]:  # an unconditional twin holds its prompt's ids and ends with it
+                outputs[i].append(token)
+                ended[i] = ended[i - twins]
+            elif i >= twins:
+                ended[i] = False
+            else:
+                ended[i] = pos >= lengths[i] and _extend(outputs[i], token, lengths[i], max_new_tokens, eos_id, stop)
         if on_step is not None:
-            on_step(sum(pos >= lengths[i] for i in running))
-        if all(ended):
+            on_step(sum(pos >= lengths[i] for i in running if i < twins))
+        if all(ended.values()):
             break
-        if any(ended):
-            keep = [row for row, done in enumerate(ended) if not done]
+        if any(ended.values()):
+            keep = [row for row, i in enumerate(running) if not ended[i]]
             tokens = _keep_rows(gpt, tokens, keep, pos + 1, use_kv_cache)
+            lag = None if lag is None else lag[keep]
             running = [running[row] for row in keep]
-        logits = forward(gpt, tokens, pos, pos + 1)
+        logits = forward(gpt, tokens, pos, pos + 1, lag)
     return outputs
 
 
@@ -381,7 +478,9 @@ def _extend(
     return len(sequence) - prompt_length >= max_new_tokens
 
 
-def _prefill(gpt: GPT, tokens: torch.Tensor, length: int, use_kv_cache: bool) -> torch.Tensor:
+def _prefill(
+    gpt: GPT, tokens: torch.Tensor, length: int, use_kv_cache: bool, lag: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run the first ``length`` positions of every sequence: (A, padded V) logits at ``length - 1``.
 
     With the cache, in chunks of ``_PREFILL_CHUNK`` positions: litgpt's attention under a mask materialises
@@ -390,22 +489,36 @@ def _prefill(gpt: GPT, tokens: torch.Tensor, length: int, use_kv_cache: bool) ->
     if not use_kv_cache:
         return _full_forward(gpt, tokens, 0, length)
     for begin in range(0, length, _PREFILL_CHUNK):
-        logits = _cached_forward(gpt, tokens, begin, min(begin + _PREFILL_CHUNK, length))
+        logits = _cached_forward(gpt, tokens, begin, min(begin + _PREFILL_CHUNK, length), lag)
     return logits
 
 
-def _cached_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """Run positions ``begin:end`` of ``tokens`` (A, total) on the KV cache: (A, padded V) logits at ``end - 1``."""
-    input_pos = torch.arange(begin, end, device=tokens.device)  # (T,)
+def _positions(begin: int, end: int, lag: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The positions that steps ``begin:end`` write: (T,) for all rows alike, or (A, T) for rows that lag behind
+    (guidance: a row lagging ``d`` steps writes position ``step - d``, and position 0 again while ``step < d``)."""
+    steps = torch.arange(begin, end, device=device)  # (T,)
+    return steps if lag is None else (steps[None, :] - lag[:, None]).clamp(min=0)  # (A, T)
+
+
+def _cached_forward(
+    gpt: GPT, tokens: torch.Tensor, begin: int, end: int, lag: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run steps ``begin:end`` of ``tokens`` (A, total) on the KV cache: (A, padded V) logits at ``end - 1``."""
+    input_pos = _positions(begin, end, lag, tokens.device)
     return gpt(tokens[:, begin:end], input_pos=input_pos, input_pos_maxp1=end)[:, -1]
 
 
-def _decode_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """:func:`_cached_forward` of one position (``end == begin + 1``): :func:`.decode.decode_step`."""
-    return decode.decode_step(gpt, tokens[:, begin], begin)
+def _decode_forward(
+    gpt: GPT, tokens: torch.Tensor, begin: int, end: int, lag: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`_cached_forward` of one step (``end == begin + 1``): :func:`.decode.decode_step`."""
+    pos = begin if lag is None else _positions(begin, end, lag, tokens.device)[:, 0]  # int, or (A,) per row
+    return decode.decode_step(gpt, tokens[:, begin], pos)
 
 
-def _full_forward(gpt: GPT, tokens: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+def _full_forward(
+    gpt: GPT, tokens: torch.Tensor, begin: int, end: int, lag: torch.Tensor | None = None
+) -> torch.Tensor:
     """Recompute positions ``0:end`` of ``tokens`` (A, total): (A, padded V) logits at ``end - 1`` (no cache)."""
     return gpt(tokens[:, :end])[:, -1]
 
