@@ -29,7 +29,7 @@ from jpeglm._compat import ResumeAtWorkerCounts
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
-from jpeglm.vocabulary import Modality
+from jpeglm.vocabulary import Modality, dataset_modalities
 
 __all__ = ["CodecDataModule", "PreparedDataModule", "ResumableLoader", "StreamingDataModule", "TokenBlocks"]
 
@@ -269,8 +269,8 @@ class PreparedDataModule(StreamingDataModule):
         return self.tokenizer.codec
 
     def modalities(self) -> list[Modality]:
-        """The dataset's one modality, at offset 0."""
-        return [Modality(self.dataset.modality, self.tokenizer, 0, self.dataset)]
+        """The dataset's modality at offset 0 (and, for captioned images, the captions' text modality after it)."""
+        return dataset_modalities(self.dataset)
 
     def setup(self, stage: str) -> None:
         """Check that the train split has blocks of ``seq_len + 1`` ids."""

@@ -33,7 +33,7 @@ from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
-from jpeglm.vocabulary import Modality
+from jpeglm.vocabulary import Modality, dataset_modalities
 
 __all__ = ["MixedBlocks", "MixedDataModule", "MixtureMember"]
 
@@ -177,8 +177,8 @@ class MixedDataModule(StreamingDataModule):
         return NUM_SPECIAL + sum(info.num_ids - NUM_SPECIAL for info in self.members)
 
     def modalities(self) -> list[Modality]:
-        """Every member's modality, tokenizer and id offset, in order."""
-        return [Modality(m.modality, m.tokenizer, m.offset, m.dataset) for m in self.members]
+        """Every member's modalities (a captioned member's captions included), tokenizers and id offsets, in order."""
+        return [modality for m in self.members for modality in dataset_modalities(m.dataset, m.offset)]
 
     def member_of(self, ids: np.ndarray) -> MixtureMember | None:
         """The member whose BPE ids a sequence holds (the most of), or None for a sequence of special ids only."""

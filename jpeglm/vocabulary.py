@@ -34,12 +34,17 @@ class Modality:
         tokenizer: its tokenizer (ids unshifted).
         offset: added to its BPE ids (>= 8) in the model's vocabulary.
         dataset: the prepared dataset it came from, when known (validation prompts for galleries and FID).
+        captions: for an image modality trained on captioned samples (``bos, text tag, caption, image tag, image,
+            eos``): the text modality whose ids the captions are in; None when its items were never captioned.
+        max_caption_tokens: the most caption tokens the model saw before an item (longer ones were cut).
     """
 
     name: str
     tokenizer: CodecTokenizer
     offset: int = 0
     dataset: Any = None
+    captions: Modality | None = None
+    max_caption_tokens: int | None = None
 
     @property
     def codec(self) -> Codec | None:
@@ -83,16 +88,40 @@ def pick_modality(modalities: list[Modality], name: str | None = None) -> Modali
 
 
 def to_records(modalities: list[Modality]) -> list[dict[str, Any]]:
-    """Plain JSON-able records of the modalities (what a checkpoint stores)."""
-    return [
-        {
+    """Plain JSON-able records of the modalities (what a checkpoint stores).
+
+    A captioned modality's record names its captions' modality by index: ``"captions": {"index": i,
+    "max_tokens": n}``.
+    """
+    records = []
+    for m in modalities:
+        record = {
             "modality": m.name,
             "offset": m.offset,
             "tokenizer": m.tokenizer.tokenizer.to_str(),
             "codec_spec": m.tokenizer.codec_spec,
         }
-        for m in modalities
-    ]
+        if m.captions is not None:
+            index = next(i for i, other in enumerate(modalities) if other is m.captions)
+            record["captions"] = {"index": index, "max_tokens": m.max_caption_tokens}
+        records.append(record)
+    return records
+
+
+def caption_modalities(records: list[dict[str, Any]]) -> set[int]:
+    """Indices of the records that are some modality's captions (not items of their own)."""
+    return {r["captions"]["index"] for r in records if r.get("captions")}
+
+
+def dataset_modalities(dataset: Any, offset: int = 0) -> list[Modality]:
+    """The modalities of one prepared dataset (``jpeglm.shards.PreparedDataset``) whose ids start at ``offset``:
+    its own, and for a captioned one (``jpeg`` with ``--captions``) the captions' text modality after it."""
+    media = Modality(dataset.modality, dataset.tokenizer, offset, dataset)
+    if not getattr(dataset, "captions", None):
+        return [media]
+    text = Modality("text", dataset.caption_tokenizer, offset + dataset.captions["offset"], dataset)
+    media.captions, media.max_caption_tokens = text, dataset.captions.get("max_tokens")
+    return [media, text]
 
 
 def from_records(records: list[dict[str, Any]]) -> list[Modality]:
@@ -103,6 +132,9 @@ def from_records(records: list[dict[str, Any]]) -> list[Modality]:
         if r["codec_spec"] is not None:
             codec_from_spec(r["codec_spec"])  # fail now, with the spec's message, not at the first decode
         modalities.append(Modality(r["modality"], tokenizer, r["offset"]))
+    for m, r in zip(modalities, records, strict=True):
+        if r.get("captions"):
+            m.captions, m.max_caption_tokens = modalities[r["captions"]["index"]], r["captions"].get("max_tokens")
     return modalities
 
 

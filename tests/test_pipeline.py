@@ -300,3 +300,64 @@ def test_constrained_prompts_are_checked_before_sampling(small_jpeg, photos):
         complete(model, small_jpeg, num_samples=1, max_new_tokens=5)
     [c] = complete(model, small_jpeg, [bytes(broken)], max_new_tokens=5, constrain=False)  # the old way: allowed
     assert not c.complete
+
+
+# ---------------------------------------------------------------------- captions and guidance
+
+
+@pytest.fixture(scope="module")
+def captioned(small_jpeg) -> Modality:
+    """The 64x64 JPEG modality with captions in a text modality whose BPE ids follow the JPEG ones."""
+    words = b"a red circle at the top left on a plain teal background and a blue square at the bottom"
+    text_tok = CodecTokenizer.train([words] * 4, "text", 300)
+    text = Modality("text", text_tok, offset=small_jpeg.tokenizer.num_ids - 8)
+    return Modality("jpeg", small_jpeg.tokenizer, captions=text, max_caption_tokens=20)
+
+
+def test_captioned_samples_start_with_their_caption_and_guidance_keeps_them_whole(captioned, photos):
+    text = captioned.captions
+    model = tiny_model(text.offset + text.tokenizer.num_ids, 600)
+    captions = ["a red circle on a plain teal background", "a blue square at the bottom"]
+    sampling = {"temperature": 1.0, "top_k": None, "seed": 3, "max_new_tokens": 250}
+    for scale in (1.0, 3.0):
+        samples = complete(model, captioned, captions=captions, cfg_scale=scale, **sampling)
+        for c, caption in zip(samples, captions, strict=True):
+            head = [
+                BOS_ID,
+                MODALITIES["text"],
+                *text.tokenizer.shift(text.tokenizer.encode(caption.encode()), text.offset),
+            ]
+            assert c.ids[: len(head) + 1] == [*head, MODALITIES["jpeg"]]
+            assert c.caption == caption
+            assert c.complete
+            assert c.fraction == 1.0
+    stream = captioned.codec.encode(photos[0])  # a caption and the top half of a picture
+    [c] = complete(model, captioned, [stream], ratio=0.5, captions=captions[:1], cfg_scale=3.0, **sampling)
+    assert c.stream.startswith(captioned.codec.prompt(stream, 0.5))
+    assert c.complete
+
+
+def test_guided_samples_differ_from_conditional_ones(captioned):
+    text = captioned.captions
+    model = tiny_model(text.offset + text.tokenizer.num_ids, 600)
+    sampling = {"temperature": 0.0, "max_new_tokens": 60, "constrain": False, "captions": ["a red circle"]}
+    [plain] = complete(model, captioned, **sampling)
+    [guided] = complete(model, captioned, cfg_scale=4.0, **sampling)
+    [unconditional] = complete(model, captioned, cfg_scale=0.0, **sampling)
+    [nothing] = complete(model, captioned, num_samples=1, **{**sampling, "captions": None})
+    assert plain.ids != guided.ids
+    assert unconditional.ids[unconditional.ids.index(MODALITIES["jpeg"]) :] == nothing.ids[1:]  # scale 0: no caption
+
+
+def test_caption_mistakes_are_user_errors(captioned, small_jpeg):
+    model = tiny_model(captioned.captions.offset + captioned.captions.tokenizer.num_ids, 400)
+    with pytest.raises(UserError, match="trained without captions"):
+        complete(model, small_jpeg, captions=["a red circle"])
+    with pytest.raises(UserError, match="more than the 20 the model was trained on"):
+        complete(model, captioned, captions=["a red circle at the top left " * 4])
+    with pytest.raises(UserError, match="caption 1 is empty"):
+        complete(model, captioned, captions=["a red circle", "  "])
+    with pytest.raises(UserError, match="cfg_scale 3.0 guides towards captions"):
+        complete(model, captioned, num_samples=1, cfg_scale=3.0)
+    with pytest.raises(UserError, match="2 captions for 1 samples"):
+        complete(model, captioned, num_samples=1, captions=["a", "b"])

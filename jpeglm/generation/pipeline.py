@@ -4,7 +4,8 @@
 callback, ``jpeglm generate`` and ``jpeglm evaluate`` all call it. It owns, for one modality of a model:
 
 - the prompts: each full stream cut with ``codec.prompt(stream, ratio)`` (the paper's protocol), or
-  ``[bos, tag]`` alone for unconditional samples;
+  ``[bos, tag]`` alone for unconditional samples; with ``captions``, ``[bos, text tag, caption..., image tag]``
+  before the image's ids, and classifier-free guidance (``cfg_scale``) against the same prompt without its caption;
 - the token budget: ``max_new_tokens``, never more than the context the longest prompt of a batch leaves
   (:func:`item_budget` gives the usual "enough for any of these items" budget);
 - the ids that may be drawn: by default (``constrain``) those the codec's stream grammar allows next
@@ -32,12 +33,14 @@ from jpeglm.codecs import Codec, Decoded
 from jpeglm.errors import UserError
 from jpeglm.generation.sampling import (
     GrammarConstraint,
+    Guidance,
     codec_stop,
     generate,
     make_prompt,
     sequence_bytes,
     tokenizer_mask,
 )
+from jpeglm.tokenizer import MODALITIES
 from jpeglm.vocabulary import Modality
 
 Progress = Callable[[int, int], None]
@@ -62,6 +65,7 @@ class Completion:
             draws the same ids (up to floating-point differences between batch shapes).
         index: its place among the prompts (or unconditional samples) the call was given.
         tokens_per_s: ``new_tokens`` over the seconds its batch took to generate.
+        caption: the caption it was drawn for (None: none).
     """
 
     prompt: bytes
@@ -73,6 +77,7 @@ class Completion:
     seed: int
     tokens_per_s: float
     index: int = 0
+    caption: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -101,6 +106,8 @@ def complete(
     on_progress: Progress | None = None,
     on_skip: Skip | None = None,
     constrain: bool = True,
+    captions: Sequence[str] | None = None,
+    cfg_scale: float = 1.0,
 ) -> list[Completion]:
     """Complete codec streams (or sample from nothing) with one modality of a model, and decode the results.
 
@@ -127,13 +134,17 @@ def complete(
             valid prefix and can still end within the budget, so every sample decodes complete. False: the
             paper's unconstrained sampling (only the modality's ids and eos). Codecs without a grammar (H.264)
             are never constrained.
+        captions: one caption per sample (``num_samples`` defaults to their number), for a model trained on
+            captioned images (``jpeglm prepare --captions``).
+        cfg_scale: classifier-free guidance towards the captions (the batch doubles; 1.0: plain conditional).
 
     Returns:
         One :class:`Completion` per prompt (or sample), in order.
 
     Raises:
-        UserError: bad settings, a prompt not cut at ``ratio``, (no ``on_skip``) one the context cannot hold, or
-            (``constrain``) one that is not a valid prefix of the codec's streams or cannot end within its budget.
+        UserError: bad settings, a prompt not cut at ``ratio``, (no ``on_skip``) one the context cannot hold,
+            (``constrain``) one that is not a valid prefix of the codec's streams or cannot end within its budget,
+            captions for a model trained without them, or a caption longer than the model was trained on.
     """
     arguments = dict(locals())  # every parameter, as given: complete() is iter_complete() gathered
     batches = iter_complete(**arguments)
@@ -156,6 +167,8 @@ def iter_complete(
     on_progress: Progress | None = None,
     on_skip: Skip | None = None,
     constrain: bool = True,
+    captions: Sequence[str] | None = None,
+    cfg_scale: float = 1.0,
 ) -> Iterator[list[Completion]]:
     """:func:`complete`, one batch at a time: the same arguments, the same completions, in lists of ``batch_size``.
 
@@ -164,12 +177,16 @@ def iter_complete(
     is called, before the first batch is generated.
     """
     codec = _media_codec(modality)
-    _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens)
+    _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens, cfg_scale, captions)
+    if captions is not None and prompts is None and num_samples is None:
+        num_samples = len(captions)
     cuts, originals = _prompt_streams(codec, prompts, num_samples, ratio)
     gpt = model.model if isinstance(getattr(model, "model", None), GPT) else model
     if not isinstance(gpt, GPT):
         raise TypeError(f"expected a CodecLM or a litgpt GPT, got {type(model).__name__}")
-    ids = [make_prompt(modality.tokenizer, cut, modality.offset) for cut in cuts]
+    twins = [make_prompt(modality.tokenizer, cut, modality.offset) for cut in cuts]  # [bos, tag, image ids...]
+    heads = _caption_heads(modality, captions, len(cuts))  # [text tag, caption ids...] of each sample, or None
+    ids = twins if heads is None else [[twin[0], *head, *twin[1:]] for twin, head in zip(twins, heads, strict=True)]
     kept = _fitting(ids, gpt.config.block_size, on_skip)
     batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
     budgets = [_budget(gpt, [ids[i] for i in b], max_new_tokens) for b in batches]
@@ -178,13 +195,15 @@ def iter_complete(
     for b, budget in zip(batches, budgets, strict=True):
         _check_grammar(grammar, [cuts[i] for i in b], b, budget)
     allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
-    run = _Batch(gpt, modality, allowed, {"temperature": temperature, "top_k": top_k, "top_p": top_p}, grammar)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    guided = heads is not None and cfg_scale != 1.0
+    run = _Batch(gpt, modality, allowed, sampling, grammar, cfg_scale if guided else None)
+    captions = list(captions) if captions is not None else [None] * len(cuts)
 
     def batches_of_completions() -> Iterator[list[Completion]]:
         for b, budget in zip(batches, budgets, strict=True):
-            completions = run(
-                b, [ids[i] for i in b], [cuts[i] for i in b], [originals[i] for i in b], budget, seed, progress
-            )
+            prompts_b = [ids[i] for i in b], [twins[i] for i in b], [cuts[i] for i in b], [originals[i] for i in b]
+            completions = run(b, *prompts_b, budget, seed, progress, [captions[i] for i in b])
             progress.batch_done(len(b) * budget)
             yield completions
 
@@ -214,21 +233,25 @@ class _Batch:
     allowed: torch.Tensor
     sampling: dict[str, Any]
     grammar: Any = None  # the codec's token grammar when sampling is constrained
+    cfg_scale: float | None = None  # classifier-free guidance against the uncaptioned twins (None: none)
 
-    @property
-    def skip(self) -> int:
-        """Leading ids of every prompt that are not stream bytes: ``[bos, tag]``, or ``[bos]`` without a tag."""
-        return len(make_prompt(self.modality.tokenizer, b"", self.modality.offset))
+    def skip(self, ids: list[int]) -> int:
+        """Leading ids of a sequence that are not stream bytes: ``[bos, tag]`` (a caption before it included), or
+        ``[bos]`` for a tokenizer without a tag."""
+        tag = self.modality.tokenizer.tag_id
+        return 1 if tag is None else ids.index(tag) + 1
 
     def __call__(
         self,
         indices: list[int],
         ids: list[list[int]],
+        twins: list[list[int]],
         cuts: list[bytes],
         originals: list[bytes | None],
         budget: int,
         seed: int,
         progress: _Progress,
+        captions: list[str | None],
     ) -> list[Completion]:
         tok, codec, offset = self.modality.tokenizer, self.modality.codec, self.modality.offset
         seeds = [seed + index for index in indices]
@@ -241,16 +264,18 @@ class _Batch:
             stop=codec_stop(codec, tok, offset),
             seed=seeds,
             on_step=progress.step,
+            guidance=None if self.cfg_scale is None else Guidance(twins, self.cfg_scale),
             **self.sampling,
         )
         seconds = max(time.perf_counter() - began, 1e-9)
         completions = []
-        for index, prompt_ids, out, cut, original in zip(indices, ids, outputs, cuts, originals, strict=True):
+        rows = zip(indices, ids, outputs, cuts, originals, captions, strict=True)
+        for index, prompt_ids, out, cut, original, caption in rows:
             stream = sequence_bytes(out, tok, offset, codec)
             new = len(out) - len(prompt_ids)
             decoded = codec.decode(stream)
             completions.append(
-                Completion(cut, original, out, stream, decoded, new, seed + index, new / seconds, index=index)
+                Completion(cut, original, out, stream, decoded, new, seed + index, new / seconds, index, caption)
             )
         return completions
 
@@ -279,7 +304,13 @@ def _media_codec(modality: Modality) -> Codec:
 
 
 def _check_settings(
-    temperature: float, top_k: int | None, top_p: float, batch_size: int, max_new_tokens: int | None
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    batch_size: int,
+    max_new_tokens: int | None,
+    cfg_scale: float = 1.0,
+    captions: Sequence[str] | None = None,
 ) -> None:
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
@@ -291,6 +322,42 @@ def _check_settings(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1 (None: up to the context), got {max_new_tokens}")
+    if cfg_scale < 0:
+        raise UserError(f"cfg_scale must be >= 0 (1.0: no guidance), got {cfg_scale}")
+    if cfg_scale != 1.0 and captions is None:
+        raise UserError(f"cfg_scale {cfg_scale} guides towards captions: give captions (or leave cfg_scale at 1.0)")
+
+
+def _caption_heads(modality: Modality, captions: Sequence[str] | None, count: int) -> list[list[int]] | None:
+    """Each sample's ``[text tag, caption ids...]`` in the model's ids (None without captions).
+
+    Raises:
+        UserError: the modality was trained without captions, the count is wrong, or a caption is empty or longer
+            than the captions the model was trained on.
+    """
+    if captions is None:
+        return None
+    text = modality.captions
+    if text is None:
+        raise UserError(
+            f"the model's {modality.name} modality was trained without captions, so it cannot draw from a text prompt: "
+            "train on data prepared with `jpeglm prepare --captions` (or sample without captions)"
+        )
+    if len(captions) != count:
+        raise UserError(f"{len(captions)} captions for {count} samples: give one caption per sample")
+    heads = []
+    for index, caption in enumerate(captions):
+        ids = text.tokenizer.encode(str(caption).strip().encode("utf-8"))
+        if not ids:
+            raise UserError(f"caption {index} is empty")
+        limit = modality.max_caption_tokens
+        if limit is not None and len(ids) > limit:
+            raise UserError(
+                f"caption {index} ({caption[:40]!r}...) is {len(ids)} tokens, more than the {limit} the model was "
+                "trained on: shorten it"
+            )
+        heads.append([MODALITIES["text"], *text.tokenizer.shift(ids, text.offset).tolist()])
+    return heads
 
 
 def _prompt_streams(

@@ -245,9 +245,7 @@ def generate(
         model: a litgpt ``GPT``, or a module holding one as ``.model`` (:class:`~jpeglm.model.CodecLM`).
         prompts: the ids to continue, at least one each (e.g. ``[bos, tag]``); lengths may differ.
         max_new_tokens: most ids generated per sequence.
-        temperature: see :func:`sample_logits`; 0 is greedy.
-        top_k: see :func:`sample_logits`.
-        top_p: see :func:`sample_logits`.
+        temperature, top_k, top_p: see :func:`sample_logits` (temperature 0 is greedy).
         seed: prompt ``i`` draws from its own generator, seeded ``seed + i``: the same seed gives the same ids
             (on every rank), and a sequence's draws do not depend on the other prompts of the batch (up to
             floating-point differences between batch shapes). A sequence gives each prompt's seed.
@@ -259,8 +257,7 @@ def generate(
         eos_id: the id that ends a sequence (None: no id does).
         use_kv_cache: False recomputes the whole forward at every step (the same ids, slower).
         on_step: called after each step with the number of ids it generated (sequences past their prompt).
-        guidance: classifier-free guidance (:class:`Guidance`): each prompt's unconditional twin runs in the same
-            batch, and ids are drawn from the mixed logits; ``allowed``, ``stop`` and eos see the prompts' rows.
+        guidance: classifier-free guidance (:class:`Guidance`); ``allowed``, ``stop`` and eos see the prompts.
 
     Returns:
         One list per prompt: the prompt (an exact prefix) followed by the generated ids.
@@ -277,11 +274,7 @@ def generate(
     try:
         with _without_autograd(gpt), gathered(model):
             out = _generate(gpt, rows, max_new_tokens, sampler, stop, eos_id, use_kv_cache, on_step, delays)
-        return (
-            out
-            if delays is None
-            else [sequence[delay:] for sequence, delay in zip(out, delays, strict=True)][: len(prompts)]
-        )
+        return out if delays is None else _unlead(out, delays)[: len(prompts)]
     finally:
         gpt.clear_kv_cache()
         model.train(training)
@@ -305,6 +298,11 @@ def _guided_rows(
     rows = prompts + twins
     delays = [length - len(row) for length, row in zip(level + level, rows, strict=True)]
     return [[row[0]] * delay + row for row, delay in zip(rows, delays, strict=True)], delays
+
+
+def _unlead(rows: list[list[int]], delays: list[int]) -> list[list[int]]:
+    """The rows without the copies of their first id that led them (:func:`_guided_rows`)."""
+    return [row[delay:] for row, delay in zip(rows, delays, strict=True)]
 
 
 def _generators(seed: int | Sequence[int], count: int, device: torch.device) -> list[torch.Generator]:
@@ -666,10 +664,11 @@ class GrammarConstraint:
     Args:
         grammar: a token grammar (``start``, ``step``, ``allowed(state, budget)``), e.g.
             :class:`~jpeglm.codecs.grammar.TokenGrammar` from ``codec.grammar(tokenizer, offset, vocab_size)``.
-        skip: leading ids of every sequence that are not stream bytes (``[bos, tag]``: 2; ``[bos]`` without a tag: 1).
+        skip: leading ids of every sequence that are not stream bytes (``[bos, tag]``: 2; ``[bos]`` without a tag: 1),
+            or a function of the sequence that says how many (a caption before the image: up to its image tag).
     """
 
-    def __init__(self, grammar: Any, skip: int = 2) -> None:
+    def __init__(self, grammar: Any, skip: int | Callable[[list[int]], int] = 2) -> None:
         self.grammar, self.skip = grammar, skip
         self._states: dict[int, tuple[list[int], int, Any]] = {}  # id(sequence) -> (sequence, ids walked, state)
 
@@ -681,7 +680,7 @@ class GrammarConstraint:
         """The grammar state after the stream bytes of ``ids`` (walking only the ids added since the last call)."""
         known = self._states.get(id(ids))
         if known is None or known[0] is not ids or known[1] > len(ids):
-            known = (ids, self.skip, self.grammar.start)
+            known = (ids, self.skip(ids) if callable(self.skip) else self.skip, self.grammar.start)
         _, walked, state = known
         for position in range(walked, len(ids)):
             state = self.grammar.step(state, ids[position])
