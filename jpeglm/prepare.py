@@ -16,6 +16,15 @@ jpeglm/inputs.py), so re-running never moves an item between splits. A tokenizer
 ``--tokenizer``) sees the training split only: nothing of a validation item leaks into the vocabulary.
 Inputs are written in a seeded shuffled order, so every chunk holds a mix of the dataset rather than one
 directory's worth.
+
+Captioned images (``--captions``, modality jpeg): each image is paired with its caption (jpeglm/inputs.py,
+:func:`find_captioned`) and becomes ``bos, 5 (text tag), caption ids..., 3 (image tag), JPEG ids..., eos`` in one
+id space: the JPEG tokenizer's ids as they are, the caption tokenizer's BPE ids moved up by ``jpeg.num_ids - 8``
+(its specials stay), as :class:`~jpeglm.data_modules.MixedDataModule` moves a second member's ids. The caption
+tokenizer is the one given (``--caption-tokenizer``) or one trained on the training split's captions; it is saved
+in ``caption_tokenizer/`` and ``dataset.json``'s ``captions`` records its offset (jpeglm/shards.py). Captions longer
+than ``--max-caption-tokens`` are cut to it and written, counted under ``changed_by_reason``; pairs that cannot be
+made are skipped and counted with the other skips (reasons in jpeglm/inputs.py).
 """
 
 from __future__ import annotations
@@ -34,13 +43,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from jpeglm.errors import UserError
 from jpeglm.inputs import (
+    CAPTION_TRUNCATED,
     WRONG_EXTENSION,
     WRONG_EXTENSION_ERROR,
     Encoded,
@@ -48,17 +58,41 @@ from jpeglm.inputs import (
     InputItem,
     Inputs,
     encode_input,
+    find_captioned,
     find_inputs,
+    read_caption,
 )
 from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
-from jpeglm.tokenizer import MODALITIES, CodecTokenizer
-from jpeglm.train_tokenizer import ModalityName, make_codec, train_on_inputs
+from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, CodecTokenizer
+from jpeglm.train_tokenizer import ModalityName, TrainReport, make_codec, train_on_inputs
 
 __all__ = ["PreparedDataset", "prepare", "read_dataset", "summary"]
 _BATCH = 16  # inputs per worker task: tokenized together in one Rust call
+_CAPTION_SAMPLE = 100_000  # captions of the training split a caption tokenizer trained here reads at most
 
 
 # ---------------------------------------------------------------------- the job
+
+
+@dataclass
+class _Captions:
+    """A captioned job's caption settings, and its text tokenizer once given, loaded or trained."""
+
+    max_tokens: int
+    vocab_size: int  # of the caption tokenizer trained here
+    given: CodecTokenizer | None = None
+    tokenizer: CodecTokenizer | None = None
+    offset: int = 0  # added to the caption tokenizer's BPE ids: the JPEG tokenizer's num_ids - 8
+    report: dict[str, Any] = field(default_factory=dict)  # prepare_report.json's captions.tokenizer
+
+    def meta(self) -> dict[str, Any]:
+        """dataset.json's ``captions``."""
+        return {
+            "modality": "text",
+            "offset": self.offset,
+            "num_ids": self.tokenizer.num_ids,
+            "max_tokens": self.max_tokens,
+        }
 
 
 @dataclass
@@ -73,6 +107,8 @@ class _Job:
     fingerprint: str
     vocab_size: int | None = None  # of the tokenizer trained here
     tokenizer_report: dict[str, Any] = field(default_factory=dict)  # prepare_report.json's "tokenizer"
+    rejected: list[dict[str, str]] = field(default_factory=list)  # pairs a captioned search could not make
+    captions: _Captions | None = None  # a captioned job's settings
 
     @property
     def work(self) -> Path:
@@ -87,6 +123,10 @@ class _Job:
 
     def part_items(self, part: int) -> list[InputItem]:
         return self.items[part * self.part_size : (part + 1) * self.part_size]
+
+    def num_ids(self, tok: CodecTokenizer) -> int:
+        """Ids of the stored samples: the tokenizer's, plus the caption tokenizer's BPE ids when captioned."""
+        return tok.num_ids + (self.captions.tokenizer.num_ids - NUM_SPECIAL if self.captions else 0)
 
 
 def prepare(
@@ -103,6 +143,10 @@ def prepare(
     chunk_bytes: int = 64 * 2**20,
     progress: bool = True,
     codec_options: dict | None = None,
+    captions: bool = False,
+    caption_tokenizer: str | Path | None = None,
+    caption_vocab_size: int = 512,
+    max_caption_tokens: int = 64,
 ) -> dict[str, Any]:
     """Prepare inputs into token shards in ``output`` (see the module docstring); returns the report.
 
@@ -125,6 +169,13 @@ def prepare(
         progress: show progress bars.
         codec_options: codec settings other than the paper's for the tokenizer trained here, e.g. {"size": 64}
             (`--codec size=64`, repeatable); with a tokenizer, its codec spec decides.
+        captions: images with captions (jpeg only), each sample bos, text tag, caption, image tag, JPEG, eos:
+            from .tar shards (key.jpg with key.txt, or key.json's "caption"), folders (photo.jpg beside photo.txt
+            or photo.json) or .jsonl manifests of {"image": path, "caption": text} lines.
+        caption_tokenizer: a text tokenizer directory for the captions (none: one is trained on the captions of
+            the training split). Only with --captions.
+        caption_vocab_size: BPE symbols of the caption tokenizer trained here, including the 256 bytes.
+        max_caption_tokens: longer captions are cut to this many tokens (and counted: caption_truncated).
 
     Raises:
         UserError: bad arguments, missing inputs, nothing to read, an output directory that holds something
@@ -133,16 +184,23 @@ def prepare(
     """
     start = time.perf_counter()
     given = _check_arguments(modality, tokenizer, vocab_size, val_fraction, codec_options)
+    captioned = _check_captions(modality, captions, caption_tokenizer, caption_vocab_size, max_caption_tokens)
     settings = {"val_fraction": val_fraction, "seed": seed, "part_size": part_size, "chunk_bytes": chunk_bytes}
-    job = _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size)
+    job = _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size, captioned)
+    return _run_job(job, given, num_workers, progress, codec_options, start)
+
+
+def _run_job(job: _Job, given, num_workers, progress, codec_options, start: float) -> dict[str, Any]:
+    """The job under its lock: nothing when it is already done, else tokenizers, parts, then the dataset."""
     with _locked(job):
         if (done := _already_done(job)) is not None:
             return done
         tok = _tokenizer(job, given, num_workers, progress, codec_options)
         codec = tok.codec  # raises CodecError if this installation cannot write the tokenizer's codec
+        if job.captions is not None:
+            _caption_tokenizer(job, tok, progress)
         counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
-        report = _finish(job, tok, codec, counts, time.perf_counter() - start)
-    return report
+        return _finish(job, tok, codec, counts, time.perf_counter() - start)
 
 
 def _check_arguments(
@@ -167,12 +225,35 @@ def _check_arguments(
     return given
 
 
-def _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size) -> _Job:
+def _check_captions(
+    modality: str, captions: bool, caption_tokenizer: str | Path | None, vocab_size: int, max_tokens: int
+) -> _Captions | None:
+    """Refuse caption options that cannot apply; returns a captioned job's settings (None without captions)."""
+    if not captions:
+        if caption_tokenizer:
+            raise UserError("caption_tokenizer applies only to captioned images (--captions)")
+        return None
+    if modality != "jpeg":
+        raise UserError(f"--captions pairs images with their captions: it needs --modality jpeg, not {modality!r}")
+    if vocab_size < 256:
+        raise UserError(f"caption_vocab_size counts the 256 single bytes and must be >= 256, got {vocab_size}")
+    if max_tokens < 1:
+        raise UserError(f"max_caption_tokens must be >= 1, got {max_tokens}")
+    given = CodecTokenizer.load(caption_tokenizer) if caption_tokenizer else None
+    if given is not None and given.modality != "text":
+        raise UserError(
+            f"caption_tokenizer {caption_tokenizer} is for {given.modality!r}: captions need a text tokenizer "
+            "(`jpeglm tokenizer train --modality text`)"
+        )
+    return _Captions(max_tokens, vocab_size, given)
+
+
+def _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size, captioned) -> _Job:
     """Find the inputs, put them in their seeded order and fingerprint the job (what a re-run must match).
 
-    ``settings``: val_fraction, seed, part_size and chunk_bytes.
+    ``settings``: val_fraction, seed, part_size and chunk_bytes; ``captioned``: the caption settings, or None.
     """
-    found = find_inputs(inputs, modality)
+    found = find_captioned(inputs) if captioned else find_inputs(inputs, modality)
     items = found.items[:max_items] if max_items else found.items
     random.Random(settings["seed"]).shuffle(items)
     trained = "trained here" if vocab_size is None else f"trained here, vocab_size {vocab_size}"
@@ -185,6 +266,7 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
             # The codec's settings with its defaults filled in: a changed default (JPEG's resize filter became
             # the reference's bilinear) is another job, never a resume that mixes old and new bytes.
             **({} if given else {"codec": codec_settings(make_codec(modality, codec_options))}),
+            **({"captions": _caption_settings(captioned)} if captioned else {}),
         },
         items,
     )
@@ -198,7 +280,16 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
         settings["chunk_bytes"],
         fingerprint,
         vocab_size,
+        rejected=found.rejected,
+        captions=captioned,
     )
+
+
+def _caption_settings(captioned: _Captions) -> dict[str, Any]:
+    """What of the caption settings a re-run must match."""
+    if captioned.given is not None:
+        return {"tokenizer": captioned.given.tokenizer.to_str(), "max_tokens": captioned.max_tokens}
+    return {"tokenizer": f"trained here, vocab_size {captioned.vocab_size}", "max_tokens": captioned.max_tokens}
 
 
 def codec_settings(codec: Any) -> dict[str, Any] | None:
@@ -216,7 +307,8 @@ def codec_settings(codec: Any) -> dict[str, Any] | None:
 def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for s in items:
-        digest.update(f"{s.key}\0{s.path}\0{s.offset}\0{s.size}\n".encode())
+        caption = "" if s.caption is None else f"\0{s.caption}"  # uncaptioned jobs keep their fingerprints
+        digest.update(f"{s.key}\0{s.path}\0{s.offset}\0{s.size}{caption}\n".encode())
     return digest.hexdigest()
 
 
@@ -231,6 +323,7 @@ class _locked:
         if job.output.exists() and not job.output.is_dir():
             raise InputError(f"output {job.output} exists and is not a directory")
         known = {WORK_DIR, "dataset.json", "train", "val", "tokenizer", "codec_spec.json", "prepare_report.json"}
+        known.add("caption_tokenizer")
         if job.output.is_dir() and any(p.name not in known for p in job.output.iterdir()):
             raise InputError(f"output directory {job.output} holds other files; give an empty or new directory")
         job.work.mkdir(parents=True, exist_ok=True)
@@ -297,29 +390,128 @@ def _tokenizer(job: _Job, given: CodecTokenizer | None, num_workers, progress, c
     return tok
 
 
+def _caption_tokenizer(job: _Job, tok: CodecTokenizer, progress: bool) -> None:
+    """The given caption tokenizer, or one trained on the training split's captions; sets ``job.captions``'
+    tokenizer, offset and report."""
+    captions = job.captions
+    target, done = job.output / "caption_tokenizer", job.work / "caption_tokenizer.done"
+    if captions.given is not None:
+        captions.given.save(target)
+        captions.tokenizer = captions.given
+        captions.report = {"trained_here": False, "vocab_size": captions.given.vocab_size}
+    elif done.is_file():  # trained by the run that was interrupted
+        captions.tokenizer, captions.report = CodecTokenizer.load(target), json.loads(done.read_text())
+    else:
+        captions.tokenizer, captions.report = _train_caption_tokenizer(job, target, progress)
+        _write_json(done, captions.report)
+    captions.offset = tok.num_ids - NUM_SPECIAL
+
+
+def _train_caption_tokenizer(job: _Job, target: Path, progress: bool) -> tuple[CodecTokenizer, dict[str, Any]]:
+    """A text tokenizer trained on (a seeded sample of at most :data:`_CAPTION_SAMPLE` of) the training split's
+    captions, saved in ``target``; returns it and its report."""
+    start = time.perf_counter()
+    train = [item for item in job.items if not _is_val(item.key, job.val_fraction)]
+    if len(train) > _CAPTION_SAMPLE:
+        train = random.Random(0).sample(train, _CAPTION_SAMPLE)
+    report = TrainReport(output=str(target), vocab_size_asked=job.captions.vocab_size)
+    texts = []
+    for item in tqdm(train, desc="reading captions", unit="caption", disable=not progress, mininterval=1):
+        text, reason, _ = read_caption(item.caption)
+        if text is None:
+            report.skipped[reason] += 1
+        else:
+            texts.append(text)
+    if not texts:
+        raise UserError(
+            f"no caption of the {len(train)} images of the training split could be read: nothing to train a caption "
+            "tokenizer on; give --caption-tokenizer, more captioned images or a lower --val-fraction"
+        )
+    print(
+        f"no --caption-tokenizer given: training a text tokenizer on the {len(texts)} captions of the training split",
+        file=sys.stderr,
+    )
+    tokenizer = CodecTokenizer.train(texts, "text", job.captions.vocab_size, show_progress=progress)
+    tokenizer.save(target)
+    report.items, report.total_bytes, report.vocab_size = len(texts), sum(map(len, texts)), tokenizer.vocab_size
+    report.total_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+    report.seconds = time.perf_counter() - start
+    print(report.summary(tokenizer, target), file=sys.stderr)
+    return tokenizer, {"trained_here": True, "split": "train", **report.as_dict()}
+
+
 # ---------------------------------------------------------------------- workers
 
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+class _Sample(NamedTuple):
+    """One input's outcome: the result of reading it, its sample's ids (None: skipped) and, for a captioned image,
+    the caption's tokens written and, when it was cut, how many it had."""
+
+    result: Encoded
+    ids: np.ndarray | None
+    caption_tokens: int = 0
+    cut_from: int | None = None
+
+
+def _worker_config(job: _Job, tok: CodecTokenizer) -> dict[str, Any]:
+    """What each worker loads (:func:`_init_worker`): tokenizer directories, the stored dtype, caption settings."""
+    captions = job.captions and {
+        "tokenizer": str(job.output / "caption_tokenizer"),
+        "offset": job.captions.offset,
+        "max_tokens": job.captions.max_tokens,
+    }
+    return {"tokenizer": str(job.output / "tokenizer"), "dtype": _dtype(job.num_ids(tok)), "captions": captions}
+
+
+def _init_worker(config: dict[str, Any]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    tok = CodecTokenizer.load(tokenizer_dir)
-    _worker.update(tokenizer=tok, codec=tok.codec)
+    tok = CodecTokenizer.load(config["tokenizer"])
+    captions = config["captions"] and {
+        **config["captions"],
+        "tokenizer": CodecTokenizer.load(config["captions"]["tokenizer"]),
+    }
+    _worker.update(tokenizer=tok, codec=tok.codec, dtype=config["dtype"], captions=captions)
 
 
-def _process(batch: list[InputItem]) -> list[tuple[Encoded, np.ndarray | None]]:
-    """Encode and tokenize a batch of inputs: (result, token ids or None) per input, in order."""
+def _process(batch: list[InputItem]) -> list[_Sample]:
+    """Encode and tokenize a batch of inputs: one :class:`_Sample` per input, in order."""
+    if _worker["captions"]:
+        return _process_captioned(batch)
     tok, codec = _worker["tokenizer"], _worker["codec"]
     results = [encode_input(codec, source) for source in batch]
     good = [r.stream for r in results if r.stream is not None]
     ids = iter(tok.encode_batch(good, add_special_tokens=True)) if good else iter(())
-    dtype = _dtype(tok)
-    return [(r, None if r.stream is None else np.asarray(next(ids), dtype=dtype)) for r in results]
+    return [_Sample(r, None if r.stream is None else np.asarray(next(ids), dtype=_worker["dtype"])) for r in results]
 
 
-def _dtype(tok: CodecTokenizer) -> str:
-    return "uint16" if tok.num_ids <= 2**16 else "int32"
+def _process_captioned(batch: list[InputItem]) -> list[_Sample]:
+    """:func:`_process` for captioned images: the caption first (a bad one spares encoding the image)."""
+    tok, codec, captions = _worker["tokenizer"], _worker["codec"], _worker["captions"]
+    results, texts = [], []
+    for item in batch:
+        text, reason, error = read_caption(item.caption)
+        results.append(Encoded(item, None, reason, error) if text is None else encode_input(codec, item))
+        texts.append(text)
+    samples = [_Sample(r, None) for r in results]
+    good = [i for i, r in enumerate(results) if r.stream is not None]
+    if not good:
+        return samples
+    images = tok.encode_batch([results[i].stream for i in good])
+    words = captions["tokenizer"].encode_batch([texts[i] for i in good])
+    for i, image, caption in zip(good, images, words, strict=True):
+        kept = captions["tokenizer"].shift(
+            np.asarray(caption[: captions["max_tokens"]], dtype=np.int64), captions["offset"]
+        )
+        ids = [BOS_ID, MODALITIES["text"], *kept.tolist(), MODALITIES["jpeg"], *image, EOS_ID]
+        cut_from = len(caption) if len(caption) > len(kept) else None
+        samples[i] = _Sample(results[i], np.asarray(ids, dtype=_worker["dtype"]), len(kept), cut_from)
+    return samples
+
+
+def _dtype(num_ids: int) -> str:
+    return "uint16" if num_ids <= 2**16 else "int32"
 
 
 def _batches(job: _Job, parts: list[int]) -> Iterator[list[InputItem]]:
@@ -329,15 +521,15 @@ def _batches(job: _Job, parts: list[int]) -> Iterator[list[InputItem]]:
             yield items[i : i + _BATCH]
 
 
-def _results(job: _Job, parts: list[int], tokenizer_dir: Path, num_workers: int) -> Iterator:
+def _results(job: _Job, parts: list[int], config: dict[str, Any], num_workers: int) -> Iterator[_Sample]:
     batches = _batches(job, parts)
     if num_workers <= 1:
-        _init_worker(str(tokenizer_dir))
+        _init_worker(config)
         for batch in batches:
             yield from _process(batch)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a parent that runs threads
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+    with context.Pool(num_workers, initializer=_init_worker, initargs=(config,)) as pool:
         for results in pool.imap(_process, batches, chunksize=1):
             yield from results
 
@@ -364,8 +556,11 @@ class _PartWriter:
         self.lengths: list[int] = []
         self.stream_bytes: list[int] = []
         self.skipped: list[dict[str, str]] = []
+        self.caption_tokens: list[int] = []
+        self.changed: list[dict[str, str]] = []  # written, but not as read: captions cut to max_tokens
 
-    def add(self, result: Encoded, ids: np.ndarray | None) -> None:
+    def add(self, sample: _Sample) -> None:
+        result, ids = sample.result, sample.ids
         if ids is None:
             self.skipped.append({"source": result.item.name, "reason": result.reason, "error": result.error})
             return
@@ -375,6 +570,11 @@ class _PartWriter:
         self.tokens[split] += len(ids)
         self.lengths.append(len(ids))
         self.stream_bytes.append(len(result.stream))
+        if self.job.captions is not None:
+            self.caption_tokens.append(sample.caption_tokens)
+        if sample.cut_from is not None:
+            detail = f"caption {result.item.caption.name}: {sample.cut_from} tokens cut to {sample.caption_tokens}"
+            self.changed.append({"source": result.item.name, "reason": CAPTION_TRUNCATED, "detail": detail})
 
     def close(self) -> None:
         for split, writer in self.writers.items():
@@ -386,6 +586,9 @@ class _PartWriter:
         np.save(self.tmp / "lengths.npy", np.asarray(self.lengths, dtype=np.int64))
         np.save(self.tmp / "bytes.npy", np.asarray(self.stream_bytes, dtype=np.int64))
         summary = {"items": dict(self.items), "tokens": dict(self.tokens), "skipped": self.skipped}
+        if self.job.captions is not None:
+            np.save(self.tmp / "captions.npy", np.asarray(self.caption_tokens, dtype=np.int64))
+            summary["changed"] = self.changed
         _write_json(self.tmp / "part.json", summary)
         final = self.job.part_dir(self.part)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -412,14 +615,14 @@ def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool)
     if done_items:
         print(f"resuming: {job.num_parts - len(todo)} of {job.num_parts} parts already written", file=sys.stderr)
     writer, seen = None, 0
-    results = _results(job, todo, job.output / "tokenizer", num_workers)
+    results = _results(job, todo, _worker_config(job, tok), num_workers)
     for part in todo:
         writer = _PartWriter(job, part)
         for _ in range(len(job.part_items(part))):
-            result, ids = next(results)
-            writer.add(result, ids)
+            sample = next(results)
+            writer.add(sample)
             seen += 1
-            counts["skipped"] += ids is None
+            counts["skipped"] += sample.ids is None
             bar.update(1)
             bar.set_postfix(skipped=counts["skipped"], refresh=False)
         writer.close()
@@ -450,10 +653,11 @@ def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds
     meta = {
         "format": FORMAT,
         "modality": job.modality,
-        "num_ids": tok.num_ids,
-        "dtype": _dtype(tok),
+        "num_ids": job.num_ids(tok),
+        "dtype": _dtype(job.num_ids(tok)),
         "splits": splits,
         "fingerprint": job.fingerprint,
+        **({"captions": job.captions.meta()} if job.captions else {}),
     }
     _write_json(job.output / "dataset.json", meta)  # last: the dataset is complete
     return report
@@ -485,11 +689,12 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
     skipped += [
         {"source": str(p), "reason": WRONG_EXTENSION, "error": WRONG_EXTENSION_ERROR} for p in job.wrong_extension
     ]
+    skipped += job.rejected
     reasons = Counter(s["reason"] for s in skipped)
-    return {
+    report = {
         "modality": job.modality,
         "output": str(job.output),
-        "items_seen": len(job.items) + len(job.wrong_extension),
+        "items_seen": len(job.items) + len(job.wrong_extension) + len(job.rejected),
         "items_written": int(len(lengths)),
         "items_skipped": len(skipped),
         "skipped_by_reason": dict(reasons.most_common()),
@@ -499,13 +704,32 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
         "total_stream_bytes": int(stream_bytes.sum()),
         "stream_bytes_per_item": _stats(stream_bytes),
         "vocab_size": tok.vocab_size,
-        "num_ids": tok.num_ids,
+        "num_ids": job.num_ids(tok),
         "tokenizer": job.tokenizer_report,
         "wall_time_s": round(seconds, 3),
         "items_processed_this_run": counts["processed"],
         "items_per_s": round(counts["processed"] / seconds, 2) if seconds else None,
         "skipped": skipped,
     }
+    if job.captions is not None:
+        report.update(_caption_report(job, parts, summaries))
+    return report
+
+
+def _caption_report(job: _Job, parts: list[Path], summaries: list[dict]) -> dict[str, Any]:
+    """prepare_report.json's caption statistics and the items written with a change (captions cut short)."""
+    tokens = np.concatenate([np.load(p / "captions.npy") for p in parts])
+    changed = [c for summary in summaries for c in summary.get("changed", [])]
+    captions = {
+        **job.captions.meta(),
+        "written": int(len(tokens)),
+        "total_tokens": int(tokens.sum()),
+        "tokens_per_caption": _stats(tokens),
+        "truncated": len(changed),
+        "tokenizer": job.captions.report,
+    }
+    by_reason = dict(Counter(c["reason"] for c in changed).most_common())
+    return {"captions": captions, "changed_by_reason": by_reason, "changed": changed}
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
@@ -541,4 +765,13 @@ def summary(report: dict[str, Any]) -> str:
     ]
     if short := report.get("tokenizer", {}).get("short_vocabulary"):
         lines.insert(2, f"warning: tokenizer trained on the training split: {short}")
+    if captions := report.get("captions"):
+        c = captions["tokens_per_caption"]
+        lines.insert(
+            2,
+            f"captions: {captions['written']} written, {c['mean']:.1f} tokens per caption (max {c['max']}); "
+            f"{captions['truncated']} cut to {captions['max_tokens']} tokens ({CAPTION_TRUNCATED})",
+        )
+        if short := captions["tokenizer"].get("short_vocabulary"):
+            lines.insert(3, f"warning: caption tokenizer trained on the training split: {short}")
     return "\n".join(lines)

@@ -6,10 +6,15 @@ A prepared directory describes itself::
     OUT/train/, OUT/val/      litdata shards (index.json + chunk-*.bin) in ``TokensLoader`` layout,
                               uint16 ids when the vocabulary fits (else int32)
     OUT/tokenizer/            the tokenizer (tokenizer.json, id_layout.json, codec_spec.json)
+    OUT/caption_tokenizer/    captioned images only: the text tokenizer of the captions
     OUT/codec_spec.json       the codec's settings and checksums
     OUT/prepare_report.json   items seen / written / skipped by reason (with paths), token statistics, timing
 
-Every sample is ``bos, modality tag, tokens..., eos`` (jpeglm/tokenizer.py). The writer is
+Every sample is ``bos, modality tag, tokens..., eos`` (jpeglm/tokenizer.py). A dataset of captioned images
+(``jpeglm prepare --captions``) holds ``bos, 5 (text), caption ids..., 3 (image), JPEG ids..., eos`` in one id
+space: the JPEG tokenizer's ids as they are, the caption tokenizer's BPE ids (>= 8) moved up by
+``captions["offset"] = tokenizer.num_ids - 8`` (specials stay), so ``num_ids = tokenizer.num_ids +
+caption_tokenizer.num_ids - 8``; ``dataset.json``'s ``captions`` says so (absent for other datasets). The writer is
 jpeglm/prepare.py; data modules and sampling import only this module, the way litdata keeps
 ``streaming/`` apart from ``processing/``. docs/architecture.md describes the format in full.
 """
@@ -44,6 +49,9 @@ class PreparedDataset:
         num_ids: ids of its tokenizer (the model's vocabulary size for this data alone).
         dtype: numpy dtype of the stored token ids.
         splits: ``{"train": {"items": n, "tokens": n}, "val": {...}}``.
+        captions: for captioned images, ``{"modality": "text", "offset": o, "num_ids": n, "max_tokens": m}``:
+            the caption tokenizer's BPE ids are stored plus ``o`` (its own ``num_ids`` is ``n``; captions were
+            cut to ``m`` tokens); None for other datasets.
     """
 
     path: Path
@@ -51,10 +59,18 @@ class PreparedDataset:
     num_ids: int
     dtype: str
     splits: dict[str, dict[str, int]]
+    captions: dict[str, Any] | None = None
 
     @property
     def tokenizer(self) -> CodecTokenizer:
+        """The tokenizer of the modality's streams (for captioned images: the JPEG one, its ids unshifted)."""
         return CodecTokenizer.load(self.path / "tokenizer")
+
+    @property
+    def caption_tokenizer(self) -> CodecTokenizer | None:
+        """The text tokenizer of the captions (its ids unshifted: subtract ``captions["offset"]`` from BPE ids),
+        or None for a dataset without captions."""
+        return CodecTokenizer.load(self.path / "caption_tokenizer") if self.captions else None
 
     @property
     def codec(self) -> Any:
@@ -101,7 +117,7 @@ def read_dataset(path: str | Path) -> PreparedDataset:
     info = json.loads(meta.read_text())
     if info.get("format") != FORMAT:
         raise UserError(f"{path}: dataset format {info.get('format')!r}, this jpeglm reads format {FORMAT}")
-    return PreparedDataset(path, info["modality"], info["num_ids"], info["dtype"], info["splits"])
+    return PreparedDataset(path, info["modality"], info["num_ids"], info["dtype"], info["splits"], info.get("captions"))
 
 
 def read_chunk(path: Path, dtype: str) -> Iterator[np.ndarray]:

@@ -156,6 +156,10 @@ def test_dashes_and_underscores_and_native_spellings_give_the_same_call(calls, c
         "chunk_bytes": 64 * 2**20,
         "progress": False,
         "codec_options": {"size": 64},
+        "captions": False,
+        "caption_tokenizer": None,
+        "caption_vocab_size": 512,
+        "max_caption_tokens": 64,
     }
     assert recorded == [expected] * 3
 
