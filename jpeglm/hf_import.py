@@ -28,12 +28,13 @@ gallery and ``jpeglm fit`` read like any other. Decisions, and why:
   differently from the same bytes inside the full stream, exactly as in the reference code (which tokenizes the
   cut string alone). On the fixture photos a 320-symbol stand-in breaks it at 0 of 558 cuts, a 1024-symbol one
   at 9 (1.6%); the grammar works on bytes, so constrained sampling is unaffected.
-- **Fine-tuning** starts from the imported file with Lightning's ``--ckpt_path``: the checkpoint carries empty
-  optimizer and scheduler states and no loop state, so ``jpeglm fit`` loads the weights and starts at step 0
-  with a fresh AdamW and warmup. One device only: under FSDP2 (``ModelParallelStrategy``) Lightning reads a single
-  checkpoint file expecting an optimizer state per optimizer, and this one has none. Next to the
-  checkpoint the import writes ``<stem>_tokenizer/`` (for ``jpeglm prepare --tokenizer``) and
-  ``<stem>_model.yaml`` (the ``model:`` section, a second ``--config``), see README "Released JPEG-LM weights".
+- **Fine-tuning** starts from the imported weights through ``CodecLM(init_from=...)``: next to the checkpoint the
+  import writes ``<stem>_model.yaml`` (the ``model:`` section of a recipe, a second ``--config``: the network's
+  shape and ``init_from`` the checkpoint's absolute path) and ``<stem>_tokenizer/`` (for ``jpeglm prepare
+  --tokenizer``). ``jpeglm fit`` then loads the weights in ``configure_model`` and starts at step 0 with a fresh
+  AdamW and warmup, on one device as under FSDP2 (``ModelParallelStrategy``, the 7B recipes), where rank 0 alone
+  reads the file; ``--ckpt_path`` stays for resuming a jpeglm run. The checkpoint still carries empty optimizer and
+  scheduler states, so ``--ckpt_path`` on it works on one device, as before. See README "Released JPEG-LM weights".
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def hf_import(
     torch.save(checkpoint, output)
     tokenizer_dir = vocabulary.tokenizer.save(output.with_name(f"{output.stem}_tokenizer"))
     model_yaml = output.with_name(f"{output.stem}_model.yaml")
-    model_yaml.write_text(_model_yaml(hyper_parameters))
+    model_yaml.write_text(_model_yaml(hyper_parameters, output))
     return {
         "checkpoint": str(output),
         "tokenizer_dir": str(tokenizer_dir),
@@ -158,8 +159,7 @@ def summary(result: dict[str, Any]) -> str:
             f"pieces dropped: {dropped})",
             f"  sample:    jpeglm generate --checkpoint {result['checkpoint']} --output samples --prompt-images DIR",
             f"  data:      jpeglm prepare --modality jpeg --tokenizer {result['tokenizer_dir']} --input DIR --output D",
-            f"  fine-tune: jpeglm fit --config RECIPE --config {result['model_yaml']} --data.init_args.data_dir D "
-            f"--ckpt_path {result['checkpoint']}",
+            f"  fine-tune: jpeglm fit --config RECIPE --config {result['model_yaml']} --data.init_args.data_dir D",
         ]
     )
 
@@ -401,7 +401,8 @@ def _moved_rows(weight: torch.Tensor, rows: list[int], padded: int) -> torch.Ten
 def _imported_checkpoint(
     weights, hyper_parameters, records, vocabulary: ReleasedVocabulary, source: Path
 ) -> dict[str, Any]:
-    """A checkpoint that load_model reads and ``jpeglm fit --ckpt_path`` starts from at step 0 with a new optimizer."""
+    """A checkpoint that load_model reads and ``CodecLM(init_from=...)`` starts from (so does ``--ckpt_path``, on one
+    device: its optimizer and scheduler states are empty)."""
     import lightning
 
     from jpeglm.vocabulary import CHECKPOINT_KEY
@@ -419,10 +420,17 @@ def _imported_checkpoint(
     }
 
 
-def _model_yaml(hyper_parameters: dict[str, Any]) -> str:
-    """The ``model:`` section of a recipe that builds this network (vocab_size and seq_len come from the data)."""
+def _model_yaml(hyper_parameters: dict[str, Any], checkpoint: Path) -> str:
+    """The ``model:`` section of a recipe that builds this network and starts from ``checkpoint``'s weights.
+
+    vocab_size and seq_len come from the data, as always; ``init_from`` is the checkpoint's absolute path.
+    """
     import yaml
 
-    shape = {k: hyper_parameters[k] for k in ("model_name", "model_overrides")}
-    header = "# the imported network: pass as a second --config after a recipe, with --ckpt_path the checkpoint\n"
-    return header + yaml.safe_dump({"model": shape}, sort_keys=False)
+    section = {k: hyper_parameters[k] for k in ("model_name", "model_overrides")}
+    section["init_from"] = str(checkpoint.resolve())
+    header = (
+        "# the imported network, starting from its weights (step 0, fresh optimizer): pass as a second --config\n"
+        "# after a recipe; resume an interrupted fine-tuning run with --ckpt_path as usual\n"
+    )
+    return header + yaml.safe_dump({"model": section}, sort_keys=False)

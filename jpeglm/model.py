@@ -79,6 +79,15 @@ class CodecLM(L.LightningModule):
             tensorwise scales, float8 all-gathers under FSDP2; embedding and head stay as they are). Needs
             ``pip install torchao`` and an NVIDIA GPU with float8 (compute capability 8.9+: L4, L40S, H100,
             H200); fast with ``compile: true``. Like ``fsdp_mixed_precision``, ignored outside a Trainer.
+        init_from: a jpeglm checkpoint (a file, e.g. the one ``jpeglm import`` wrote, or an FSDP2 sharded
+            directory) whose weights a new run starts from: step 0, a fresh AdamW and warmup; the checkpoint's
+            optimizer and loop state, if any, are never read. ``configure_model`` loads them under a Trainer, on
+            one device or DDP (each process reads the file, memory-mapped) and under FSDP2 (``ModelParallelStrategy``:
+            the network is built on the meta device and sharded, only rank 0 reads the file and each rank receives
+            its shards of one tensor at a time, see :func:`load_initial_weights`). The data's ids must mean what the
+            checkpoint's do (same modalities, offsets and tokenizers), else a UserError. Resuming with
+            ``--ckpt_path`` reads this checkpoint too, then restores the resumed one over it. Ignored outside a
+            Trainer (sampling, export).
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class CodecLM(L.LightningModule):
         max_bad_steps: int = 10,
         fsdp_mixed_precision: Literal["none", "bf16"] = "none",
         float8: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,8 +133,13 @@ class CodecLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again, e.g. when testing after fitting
             return
+        from contextlib import nullcontext
+
         policy = self._fsdp_policy()  # refuses a wrong combination before anything is built
-        model = GPT(self.config)
+        init_from = self.hparams.get("init_from") if self._trainer_or_none() is not None else None
+        # Weights to load under FSDP2: built on the meta device, so that no rank ever holds a full copy.
+        with torch.device("meta") if init_from and self.device_mesh is not None else nullcontext():
+            model = GPT(self.config)
         if self.hparams.float8 and self._trainer_or_none() is not None:  # before set_init: it swaps the Linears
             convert_float8(model, self.trainer.strategy.root_device)
         set_init(model, self.config)
@@ -137,6 +152,9 @@ class CodecLM(L.LightningModule):
                 block.compile()
         if self.device_mesh is not None:  # ModelParallelStrategy
             shard_fsdp2(model, self.device_mesh["data_parallel"], policy)
+        if init_from:
+            records = load_initial_weights(model, init_from, self.vocabulary, self.trainer.strategy.root_device)
+            self.vocabulary = self.vocabulary or records  # the data's, when it describes them (it may set new codecs)
         self.model = model
         self.flops_per_batch = None  # set from the first batch (it depends on the micro-batch size)
 
@@ -350,6 +368,139 @@ def reset_parameters(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
+
+
+# ---------------------------------------------------------------------- initial weights (CodecLM.init_from)
+
+
+def load_initial_weights(
+    model: GPT, path: str, vocabulary: list[dict[str, Any]], device: torch.device
+) -> list[dict[str, Any]]:
+    """Put the weights of the jpeglm checkpoint ``path`` into ``model`` (``CodecLM.init_from``); its vocabulary records.
+
+    Unsharded (one device, DDP): every process reads the file, memory-mapped, and copies the weights in.
+    FSDP2 (the parameters are DTensors, built on the meta device): rank 0 alone reads and checks the file; its verdict
+    goes to every rank, so all raise the same error or none. Each rank then materialises its shards on ``device``
+    (the rotary cache computed, nothing initialised at random, so Lightning's materialisation, which runs only on
+    meta tensors, leaves them alone), and ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``
+    sends one full tensor at a time from rank 0, of which each rank keeps its shard: no rank holds more than one
+    full tensor besides its shards (rank 0 reads the memory-mapped file's pages as it sends them).
+
+    Args:
+        model: the network (sharded or not, wrappers and all).
+        path: a checkpoint file or an FSDP2 sharded directory written by jpeglm.
+        vocabulary: the data's vocabulary records ([]: the data does not describe them, nothing is compared).
+        device: where the shards live (the strategy's root device).
+
+    Raises:
+        UserError: no checkpoint at ``path``, not a jpeglm checkpoint, ids that mean other things than the data's,
+            or weights that do not fit ``model``.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        state, records = read_initial_weights(path, model, vocabulary)
+        model.load_state_dict(state)
+        return records
+    state: dict[str, torch.Tensor] = {}
+    verdict: list[Any] = [None, None]  # rank 0's error message, or the records
+    if dist.get_rank() == 0:
+        try:
+            state, verdict[1] = read_initial_weights(path, model, vocabulary)
+        except Exception as error:  # raised on every rank below: the others would wait in the broadcast for ever
+            verdict[0] = str(error) if isinstance(error, UserError) else f"model.init_from {path}: {error!r}"
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise UserError(verdict[0])
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)
+        model.cos, model.sin = model.rope_cache(device=device)  # the one state checkpoints do not hold
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, state, options=options)
+    return verdict[1]
+
+
+def read_initial_weights(
+    path: str, model: GPT, vocabulary: list[dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The weights of the jpeglm checkpoint ``path`` under ``model``'s parameter names, and its vocabulary records.
+
+    A single file is memory-mapped (its tensors are read as they are copied, its optimizer state never); a sharded
+    directory is gathered on the CPU. See :func:`load_initial_weights` for ``vocabulary``.
+
+    Raises:
+        UserError: see :func:`load_initial_weights`.
+    """
+    from pathlib import Path
+
+    from jpeglm.checkpoints import open_checkpoint, unwrapped_name
+
+    if not Path(path).exists():
+        raise UserError(f"model.init_from: no checkpoint at {path}")
+    if Path(path).is_file():
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # not a torch file, or one holding code
+            raise UserError(f"model.init_from: {path} is not a checkpoint torch can read: {error}") from None
+        stored = checkpoint.get("state_dict") or {}
+    else:
+        checkpoint, read = open_checkpoint(path)  # a sharded directory, or a UserError
+        stored = read(None, "cpu")
+    records = records_in(checkpoint)
+    if not records or not stored:
+        raise UserError(f"model.init_from: {path} is not a jpeglm checkpoint (no weights or vocabulary records)")
+    check_same_vocabulary(vocabulary, records, path)
+    state = {unwrapped_name(name.removeprefix("model.")): tensor for name, tensor in stored.items()}
+    expected = {unwrapped_name(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [
+        f"{name}: {tuple(state[name].shape) if name in state else 'missing'} in the file, {expected.get(name, 'none')} "
+        "in the model"
+        for name in sorted(set(expected) | set(state))
+        if expected.get(name) != (tuple(state[name].shape) if name in state else None)
+    ]
+    if wrong:
+        raise UserError(
+            f"model.init_from: the weights in {path} do not fit the model ({'; '.join(wrong[:3])}"
+            f"{'; ...' if len(wrong) > 3 else ''}): build the checkpoint's network, its model_name and model_overrides "
+            "(for an imported checkpoint, pass the <name>_model.yaml `jpeglm import` wrote as a second --config)"
+        )
+    return state, records
+
+
+def check_same_vocabulary(data: list[dict[str, Any]], weights: list[dict[str, Any]], path: str) -> None:
+    """Refuse data whose ids mean other things than the ids of the weights in ``path`` (both vocabulary records).
+
+    What ids mean: each modality's name, id offset and tokenizer (vocabulary and merges, compared after a round trip
+    through this ``tokenizers``). Codec settings may differ: the checkpoints written then carry the data's. No data
+    records (a data module that does not describe its vocabulary): nothing to compare.
+
+    Raises:
+        UserError: the modalities, their offsets or a tokenizer differ; the message says how to prepare the data.
+    """
+    from tokenizers import Tokenizer
+
+    def layout(records: list[dict[str, Any]]) -> list[str]:
+        return [f"{r['modality']} at id offset {r['offset']}" for r in records]
+
+    if not data:
+        return
+    if layout(data) != layout(weights):
+        detail = f"the data holds {layout(data)}, the checkpoint {layout(weights)}"
+    else:
+        same = [
+            Tokenizer.from_str(d["tokenizer"]).to_str() == Tokenizer.from_str(w["tokenizer"]).to_str()
+            for d, w in zip(data, weights, strict=True)
+        ]
+        if all(same):
+            return
+        detail = "another " + ", ".join(d["modality"] for d, s in zip(data, same, strict=True) if not s) + " tokenizer"
+    raise UserError(
+        f"model.init_from: the data's ids are not those the weights in {path} were trained on ({detail}); prepare "
+        "the data with the checkpoint's tokenizer: jpeglm prepare --tokenizer DIR (for an imported checkpoint, the "
+        "<name>_tokenizer/ `jpeglm import` wrote next to it)"
+    )
 
 
 def checkpoint_blocks(model: GPT) -> None:

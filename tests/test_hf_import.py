@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from jpeglm.checkpoints import load_checkpoint, load_model
+from jpeglm.checkpoints import load_checkpoint, load_model, open_checkpoint
 from jpeglm.cli import main
 from jpeglm.codecs import JpegCodec
 from jpeglm.errors import UserError
@@ -150,20 +155,22 @@ def test_generate_writes_files_that_open(imported, photos, tmp_path):
             assert im.size == (64, 64)
 
 
-def test_fine_tuning_starts_from_the_imported_weights(imported, photos, tmp_path):
-    tokenizer_dir = imported.with_name("jpeg-lm_tokenizer")
-    data = tmp_path / "data"
-    prepare = [
-        "prepare",
-        "--modality",
-        "jpeg",
-        "--input",
-        str(photos[0].parent),
-        "--output",
-        str(data),
-        "--no-progress",
-    ]
-    assert main([*prepare, "--tokenizer", str(tokenizer_dir), "--val-fraction", "0", "--num-workers", "1"]) == 0
+@pytest.fixture(scope="module")
+def prepared(imported, photos, tmp_path_factory):
+    """The fixture photos prepared with the imported tokenizer (the ids the imported weights know)."""
+    data = tmp_path_factory.mktemp("prepared") / "data"
+    tokenizer = imported.with_name("jpeg-lm_tokenizer")
+    assert main([*prepare_args(photos, data), "--tokenizer", str(tokenizer)]) == 0
+    return data
+
+
+def prepare_args(photos, data) -> list[str]:
+    inputs = ["--input", str(photos[0].parent), "--output", str(data), "--val-fraction", "0", "--num-workers", "1"]
+    return ["prepare", "--modality", "jpeg", *inputs, "--no-progress"]
+
+
+def write_recipe(path, data, root, **trainer) -> str:
+    """A 3-step fine-tuning recipe on ``data`` (one CPU device unless ``trainer`` says otherwise)."""
     recipe = {
         "trainer": {
             "accelerator": "cpu",
@@ -172,7 +179,8 @@ def test_fine_tuning_starts_from_the_imported_weights(imported, photos, tmp_path
             "limit_val_batches": 0,
             "logger": False,
             "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path / "run"),
+            "default_root_dir": str(root),
+            **trainer,
         },
         "model": {"learning_rate": 1e-4, "warmup_steps": 1},
         "data": {
@@ -180,17 +188,95 @@ def test_fine_tuning_starts_from_the_imported_weights(imported, photos, tmp_path
             "init_args": {"data_dir": str(data), "seq_len": 128, "batch_size": 2},
         },
     }
-    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+def assert_trained_from_the_imported_weights(imported, trained) -> dict:
+    """Every weight of ``trained`` (a checkpoint file or sharded directory) within 0.01 of the imported one, and some
+    moved: 3 AdamW steps at 1e-4 move a weight by 3e-4 at most, a random initialisation by far more."""
+    meta, read = open_checkpoint(trained)
+    before, after = load_checkpoint(imported)["state_dict"], read(None, "cpu")
+    assert after.keys() == before.keys()
+    moved = [float((after[name] - before[name]).abs().max()) for name in before]
+    assert 0 < max(moved) < 0.01
+    assert meta["jpeglm_vocabulary"] == load_checkpoint(imported)["jpeglm_vocabulary"]
+    return meta
+
+
+def test_fine_tuning_starts_from_the_imported_weights(imported, prepared, tmp_path):
     model_yaml = imported.with_name("jpeg-lm_model.yaml")
-    argv = ["fit", "--config", str(tmp_path / "recipe.yaml"), "--config", str(model_yaml), "--ckpt_path", str(imported)]
-    assert main(argv) == 0
-    (last,) = (tmp_path / "run").rglob("*.ckpt")
-    checkpoint = load_checkpoint(last)
-    assert checkpoint["global_step"] == 3
-    assert checkpoint["jpeglm_vocabulary"] == load_checkpoint(imported)["jpeglm_vocabulary"]
-    before = load_checkpoint(imported)["state_dict"]["model.transformer.h.0.attn.qkv.weight"]
-    after = checkpoint["state_dict"]["model.transformer.h.0.attn.qkv.weight"]
-    assert 0 < (after - before).abs().max() < 0.01  # trained from the imported weights, not from scratch
+    assert yaml.safe_load(model_yaml.read_text())["model"]["init_from"] == str(imported.resolve())
+    recipe = write_recipe(tmp_path / "recipe.yaml", prepared, tmp_path / "run")
+    assert main(["fit", "--config", recipe, "--config", str(model_yaml)]) == 0
+    (trained,) = (tmp_path / "run").rglob("*.ckpt")
+    assert assert_trained_from_the_imported_weights(imported, trained)["global_step"] == 3
+    # --ckpt_path still resumes a run (its weights, optimizer and step win over init_from's)
+    resume = ["fit", "--config", recipe, "--config", str(model_yaml), "--trainer.max_steps", "4"]
+    assert main([*resume, "--ckpt_path", str(trained)]) == 0
+    (resumed,) = set((tmp_path / "run").rglob("*.ckpt")) - {trained}
+    assert load_checkpoint(resumed)["global_step"] == 4
+
+
+def test_fine_tuning_refuses_data_of_another_vocabulary(imported, photos, jpeg_tokenizer, tmp_path, capsys):
+    data = tmp_path / "data"
+    other = jpeg_tokenizer.save(tmp_path / "other_tokenizer")  # the same size (320), other merges
+    assert main([*prepare_args(photos, data), "--tokenizer", str(other)]) == 0
+    recipe = write_recipe(tmp_path / "recipe.yaml", data, tmp_path / "run")
+    assert main(["fit", "--config", recipe, "--config", str(imported.with_name("jpeg-lm_model.yaml"))]) == 2
+    error = capsys.readouterr().err
+    assert "model.init_from: the data's ids are not those the weights in" in error
+    assert "another jpeg tokenizer" in error
+    assert "jpeglm prepare --tokenizer" in error
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_fine_tuning_under_fsdp2_starts_from_the_imported_weights(imported, prepared, tmp_path):
+    """`jpeglm fit` in 2 gloo processes under ModelParallelStrategy (FSDP2, as the 7B recipes: activation
+    checkpointing, the bf16 policy), the processes started here with torchrun's variables (tests/test_precision.py)."""
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+    }
+    recipe = write_recipe(tmp_path / "recipe.yaml", prepared, tmp_path / "run", devices=2, strategy=strategy)
+    model = ["--model.activation_checkpointing", "true", "--model.fsdp_mixed_precision", "bf16"]
+    argv = ["fit", "--config", recipe, "--config", str(imported.with_name("jpeg-lm_model.yaml")), *model]
+    run_ranks(argv, world=2)
+    (trained,) = (tmp_path / "run").rglob("*.ckpt")
+    assert trained.is_dir()  # FSDP2's sharded checkpoint
+    assert assert_trained_from_the_imported_weights(imported, trained)["global_step"] == 3
+
+
+def run_ranks(argv: list[str], world: int, timeout: int = 240) -> None:
+    """``jpeglm ARGV`` in ``world`` processes, one per rank, with torchrun's variables (Lightning starts none)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys; from jpeglm.cli import main; sys.exit(main(sys.argv[1:]))"
+    processes = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "OMP_NUM_THREADS": "1"},
+            **{"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, output[-6000:]
 
 
 def test_import_refuses_what_is_not_the_release(released, tmp_path):
