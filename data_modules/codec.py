@@ -28,10 +28,17 @@ from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 from jpeglm._compat import ResumeAtWorkerCounts
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
-from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
+from jpeglm.tokenizer import BOS_ID, MODALITIES, NUM_SPECIAL, PAD_ID, CodecTokenizer
 from jpeglm.vocabulary import Modality, dataset_modalities
 
-__all__ = ["CodecDataModule", "PreparedDataModule", "ResumableLoader", "StreamingDataModule", "TokenBlocks"]
+__all__ = [
+    "CodecDataModule",
+    "PreparedDataModule",
+    "ResumableLoader",
+    "StreamingDataModule",
+    "TokenBlocks",
+    "drop_captions",
+]
 
 
 class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
@@ -47,7 +54,8 @@ class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
         modality_id: tag id of the source's modality (3 image, 4 video, 5 text), carried by every block.
         offset: added to BPE ids (>= 8) to move them into a mixed vocabulary; special ids stay.
         shuffle: shuffle chunks and blocks (per epoch, from ``seed``).
-        seed: the shuffle seed.
+        seed: the shuffle seed, and the seed of the caption dropout.
+        caption_dropout: share of captioned samples whose caption is dropped (:func:`drop_captions`).
     """
 
     def __init__(
@@ -58,6 +66,7 @@ class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
         offset: int = 0,
         shuffle: bool = False,
         seed: int = 42,
+        caption_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             input_dir=str(input_dir),
@@ -68,13 +77,42 @@ class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
         )
         self.modality_id = modality_id
         self.offset = offset
+        self.caption_dropout = caption_dropout
         self.samples_per_worker: dict[int, int] | None = None
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         ids = super().__getitem__(index).astype(np.int64)  # (block_size,)
+        if self.caption_dropout:
+            ids = drop_captions(ids, self.caption_dropout, self.seed, getattr(index, "index", index))
         if self.offset:
             ids = np.where(ids >= NUM_SPECIAL, ids + self.offset, ids)
         return {"input_ids": ids, "modality": self.modality_id}
+
+
+def drop_captions(ids: np.ndarray, rate: float, seed: int, block: int) -> np.ndarray:
+    """The block with the caption of some of its samples dropped, for classifier-free guidance.
+
+    A captioned sample is ``bos, text tag, caption..., image tag, ...``; a dropped one becomes ``bos, image tag,
+    ...`` (the unconditional prompt of sampling), the rest of the block moves up and pad fills its end (pad is no
+    target: the model's loss skips it). Whether a sample's caption is dropped is drawn from ``(seed, block,
+    position of its bos)``: the same every time the block is read, so a resumed run sees the same data. Only
+    captions that begin and end inside the block can be dropped (one cut by the block's start or end is kept).
+
+    Args:
+        ids: (block_size,) ids of one block.
+        rate: share of the captions dropped.
+        seed: the data's seed.
+        block: the block's index in its split.
+    """
+    starts = np.flatnonzero((ids[:-1] == BOS_ID) & (ids[1:] == MODALITIES["text"]))
+    keep = np.ones(len(ids), dtype=bool)
+    for start in starts.tolist():
+        ends = np.flatnonzero(ids[start + 2 :] == MODALITIES["jpeg"])
+        if len(ends) and np.random.default_rng([seed, block, start]).random() < rate:
+            keep[start + 1 : start + 2 + int(ends[0])] = False  # the text tag and the caption
+    if keep.all():
+        return ids
+    return np.concatenate([ids[keep], np.full(len(ids) - int(keep.sum()), PAD_ID, dtype=ids.dtype)])
 
 
 def collate_blocks(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -238,10 +276,22 @@ class PreparedDataModule(StreamingDataModule):
     their own constructor arguments as hyperparameters.
     """
 
-    def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, num_workers: int, shuffle: bool, seed: int):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        seq_len: int,
+        batch_size: int,
+        num_workers: int,
+        shuffle: bool,
+        seed: int,
+        caption_dropout: float = 0.1,
+    ):
         super().__init__(seq_len, batch_size, num_workers, seed)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise UserError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.data_dir = Path(data_dir).expanduser()
         self.shuffle = shuffle
+        self.caption_dropout = caption_dropout
 
     @cached_property
     def dataset(self) -> PreparedDataset:
@@ -283,7 +333,11 @@ class PreparedDataModule(StreamingDataModule):
         return directory
 
     def _train_dataset(self) -> TokenBlocks:
-        return TokenBlocks(self._train_dir(), self.seq_len + 1, self.modality_id, shuffle=self.shuffle, seed=self.seed)
+        dropout = self.caption_dropout if getattr(self.dataset, "captions", None) else 0.0
+        return TokenBlocks(
+            self._train_dir(), self.seq_len + 1, self.modality_id, shuffle=self.shuffle, seed=self.seed,
+            caption_dropout=dropout,
+        )  # fmt: skip
 
     def _val_dataset(self) -> TokenBlocks | None:
         directory = self.dataset.split_dir("val")
@@ -306,7 +360,11 @@ class CodecDataModule(PreparedDataModule):
         batch_size: sequences per batch on each rank.
         num_workers: loader worker processes per rank (0: load in the training process).
         shuffle: shuffle the training blocks (per epoch, from ``seed``); validation is never shuffled.
-        seed: seed of the shuffle.
+        seed: seed of the shuffle and of the caption dropout.
+        caption_dropout: for captioned images (``jpeglm prepare --captions``), the share of training samples whose
+            caption is dropped (``bos, image tag, image, eos``), so the model also learns the unconditional
+            distribution that classifier-free guidance needs; decided per sample from the seed, so exact resume
+            holds. Validation keeps every caption. No effect on other data.
     """
 
     def __init__(
@@ -317,6 +375,7 @@ class CodecDataModule(PreparedDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 42,
+        caption_dropout: float = 0.1,
     ) -> None:
-        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle, seed)
+        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle, seed, caption_dropout)
         self.save_hyperparameters()

@@ -123,6 +123,8 @@ class MixedDataModule(StreamingDataModule):
         num_workers: loader worker processes per rank (0: load in the training process).
         seed: seed of the shuffles and of the member draws.
         sources: deprecated name of ``data_dirs`` (recipes written before 0.2); give one of the two.
+        caption_dropout: share of a captioned member's training samples whose caption is dropped (see
+            :class:`~jpeglm.data_modules.CodecDataModule`); no effect on other members.
     """
 
     def __init__(
@@ -134,8 +136,12 @@ class MixedDataModule(StreamingDataModule):
         num_workers: int = 0,
         seed: int = 42,
         sources: list[str] | None = None,
+        caption_dropout: float = 0.1,
     ) -> None:
         super().__init__(seq_len, batch_size, num_workers, seed)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise UserError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.caption_dropout = caption_dropout
         if sources is not None:
             if data_dirs is not None:
                 raise UserError("give data_dirs only (sources is its deprecated name)")
@@ -220,6 +226,7 @@ class MixedDataModule(StreamingDataModule):
                 info.offset,
                 shuffle=True,
                 seed=self.seed + index,  # members of the same size must not shuffle alike
+                caption_dropout=self.caption_dropout if getattr(info.dataset, "captions", None) else 0.0,
             )
             for index, info in used
         ]

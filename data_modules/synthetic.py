@@ -31,7 +31,15 @@ from jpeglm.prepare import codec_settings
 from jpeglm.shards import PreparedDataset, read_dataset
 from jpeglm.tokenizer import DEFAULT_VOCAB_SIZE, CodecTokenizer
 
-__all__ = ["SyntheticDataModule", "procedural_clip", "procedural_image"]
+__all__ = [
+    "COLOUR_NAMES",
+    "SyntheticDataModule",
+    "caption_colours",
+    "palette",
+    "procedural_caption",
+    "procedural_clip",
+    "procedural_image",
+]
 
 _VERSION = 2  # bump when the pictures change, so old caches are not reused
 _VIDEO_FPS, _VIDEO_SECONDS = 3, 2
@@ -40,6 +48,16 @@ _VIDEO_FPS, _VIDEO_SECONDS = 3, 2
 def procedural_image(seed: int, index: int, size: int) -> Image.Image:
     """One ``size`` x ``size`` RGB picture: a gradient, maybe stripes, and 1-3 flat shapes."""
     return _scene(np.random.default_rng([seed, index]), size, size)(0.0)
+
+
+def procedural_caption(seed: int, index: int, size: int) -> str:
+    """The caption of :func:`procedural_image` ``(seed, index, size)``, in plain words from what was drawn.
+
+    E.g. "a red circle at the top left and a blue square on a teal and white striped background": each shape's
+    colour, kind (circle or oval, square or rectangle, triangle) and place (a 3 x 3 grid), then the background's
+    colours and pattern (plain, gradient, striped). :func:`caption_colours` reads the colours back.
+    """
+    return _scene(np.random.default_rng([seed, index]), size, size).caption
 
 
 def procedural_clip(seed: int, index: int, width: int, height: int, frames: int) -> list[np.ndarray]:
@@ -59,11 +77,72 @@ _PALETTE = np.array(
 )  # fmt: skip
 
 
-def _scene(rng: np.random.Generator, width: int, height: int):
-    """A function of time ``t`` in [0, 1] that draws one scene (fixed by ``rng``) at that time."""
-    c0, c1 = _PALETTE[rng.choice(len(_PALETTE), 2, replace=False)]
+COLOUR_NAMES = (
+    "red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta",
+    "pink", "teal", "brown", "maroon", "navy", "white", "grey", "black",
+)  # fmt: skip
+"""The name of each palette colour, in palette order (the words of the captions)."""
+_PLACES = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
+
+
+def palette() -> np.ndarray:
+    """(16, 3) uint8: the colours of the pictures, in the order of :data:`COLOUR_NAMES`."""
+    return _PALETTE.astype(np.uint8)
+
+
+def caption_colours(caption: str) -> tuple[list[str], list[str]]:
+    """The background's colours and the shapes' colours that a :func:`procedural_caption` names, in order."""
+    shapes, _, background = caption.rpartition(" on ")
+    names = set(COLOUR_NAMES)
+    return [w for w in background.split() if w in names], [p.split()[1] for p in shapes.split(" and ")]
+
+
+class _Scene:
+    """One scene (fixed by its random draws): a function of time ``t`` in [0, 1] that draws it, and its caption."""
+
+    def __init__(self, background: Image.Image, shapes: list, caption: str) -> None:
+        self.background, self.shapes, self.caption = background, shapes, caption
+
+    def __call__(self, t: float) -> Image.Image:
+        image = self.background.copy()
+        pen = ImageDraw.Draw(image)
+        for kind, color, w, h, start, end in self.shapes:
+            x, y = start + t * (end - start)
+            box = [x, y, x + w, y + h]
+            if kind == "ellipse":
+                pen.ellipse(box, fill=color)
+            elif kind == "rectangle":
+                pen.rectangle(box, fill=color)
+            else:
+                pen.polygon([(x, y + h), (x + w / 2, y), (x + w, y + h)], fill=color)
+        return image
+
+
+def _shape_words(kind: str, color: int, w: float, h: float, start: np.ndarray, size: tuple[int, int]) -> str:
+    """ "a red circle at the top left": a shape's colour, kind and place (where its centre starts, on a 3 x 3 grid)."""
+    square = int(0.8 < w / h < 1.25)
+    noun = {"ellipse": ("oval", "circle"), "rectangle": ("rectangle", "square"), "triangle": ("triangle",) * 2}
+    column, row = (min(int(3 * (c + d / 2) / n), 2) for c, d, n in zip(start, (w, h), size, strict=True))
+    place = _PLACES[row][column]
+    return f"{_a(COLOUR_NAMES[color])} {noun[kind][square]} {'in the' if place == 'centre' else 'at the'} {place}"
+
+
+def _a(word: str) -> str:
+    """ "a red", "an orange"."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _scene(rng: np.random.Generator, width: int, height: int) -> _Scene:
+    """The scene of ``rng``'s draws: a background, 1-3 shapes moving in straight lines, and its caption."""
+    i0, i1 = rng.choice(len(_PALETTE), 2, replace=False)
+    c0, c1 = _PALETTE[i0], _PALETTE[i1]
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
     kind = rng.choice(["flat", "gradient", "stripes"], p=[0.4, 0.35, 0.25])
+    background_words = {
+        "flat": f"a plain {COLOUR_NAMES[i0]} background",
+        "gradient": f"{_a(COLOUR_NAMES[i0])} to {COLOUR_NAMES[i1]} gradient",
+        "stripes": f"{_a(COLOUR_NAMES[i0])} and {COLOUR_NAMES[i1]} striped background",
+    }[kind]
     if kind == "flat":
         background = np.broadcast_to(c0.astype(float), (height, width, 3))
     elif kind == "gradient":
@@ -75,29 +154,16 @@ def _scene(rng: np.random.Generator, width: int, height: int):
         along = xx if rng.random() < 0.5 else yy
         background = np.where((np.sin(2 * np.pi * along / period) >= 0)[..., None], c0, c1).astype(float)
     background = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    shapes = []
+    shapes, phrases = [], []
     for _ in range(rng.integers(1, 4)):
         kind = rng.choice(["ellipse", "rectangle", "triangle"])
         w, h = rng.uniform(0.2, 0.5, 2) * (width, height)
         start = rng.uniform(0, 1, 2) * (width - w, height - h)
         end = rng.uniform(0, 1, 2) * (width - w, height - h)
-        shapes.append((kind, tuple(int(c) for c in _PALETTE[rng.integers(len(_PALETTE))]), w, h, start, end))
-
-    def draw(t: float) -> Image.Image:
-        image = background.copy()
-        pen = ImageDraw.Draw(image)
-        for kind, color, w, h, start, end in shapes:
-            x, y = start + t * (end - start)
-            box = [x, y, x + w, y + h]
-            if kind == "ellipse":
-                pen.ellipse(box, fill=color)
-            elif kind == "rectangle":
-                pen.rectangle(box, fill=color)
-            else:
-                pen.polygon([(x, y + h), (x + w / 2, y), (x + w, y + h)], fill=color)
-        return image
-
-    return draw
+        color = int(rng.integers(len(_PALETTE)))
+        shapes.append((kind, tuple(int(c) for c in _PALETTE[color]), w, h, start, end))
+        phrases.append(_shape_words(str(kind), color, w, h, start, (width, height)))
+    return _Scene(background, shapes, f"{' and '.join(phrases)} on {background_words}")
 
 
 def _make_codec(modality: str, size: int) -> JpegCodec | AvcCodec:
@@ -127,6 +193,11 @@ class SyntheticDataModule(PreparedDataModule):
             ``synthetic/``).
         num_workers: loader worker processes per rank (0: load in the training process).
         seed: seed of the pictures and of the shuffle.
+        captions: caption every picture in plain words (:func:`procedural_caption`) and prepare captioned samples
+            (``jpeglm prepare --captions``: ``bos, text tag, caption, image tag, JPEG, eos``), so the model learns
+            to draw what a caption says (jpeg only).
+        caption_dropout: share of training samples whose caption is dropped, for classifier-free guidance (see
+            :class:`~jpeglm.data_modules.CodecDataModule`).
     """
 
     def __init__(
@@ -141,9 +212,13 @@ class SyntheticDataModule(PreparedDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        captions: bool = False,
+        caption_dropout: float = 0.1,
     ) -> None:
         if modality not in ("jpeg", "avc"):
             raise UserError(f"modality must be 'jpeg' or 'avc', got {modality!r}")
+        if captions and modality != "jpeg":
+            raise UserError("captions=True makes captioned pictures: use it with modality='jpeg'")
         if num_images < 1:
             raise UserError(f"num_images must be >= 1, got {num_images}")
         if image_size < 16 or image_size % 16:
@@ -158,13 +233,16 @@ class SyntheticDataModule(PreparedDataModule):
             "seed": seed,
             # The codec's settings, defaults included: a changed default (JPEG's resize filter) is a new cache.
             "codec": codec_settings(_make_codec(modality, image_size)),
+            **({"captions": True} if captions else {}),  # uncaptioned sets keep the key they always had
         }
         key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
         root = Path(cache_dir or os.environ.get("JPEGLM_CACHE", "~/.cache/jpeglm")).expanduser()
         if cache_dir is None:
             root = root / "synthetic"
-        data_dir = root / f"{modality}-{num_images}x{image_size}-{key}"
-        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle=True, seed=seed)
+        kind = f"{modality}-captioned" if captions else modality
+        data_dir = root / f"{kind}-{num_images}x{image_size}-{key}"
+        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle=True, seed=seed,
+                         caption_dropout=caption_dropout)  # fmt: skip
         self.save_hyperparameters()
 
     @cached_property
@@ -204,6 +282,7 @@ class SyntheticDataModule(PreparedDataModule):
             num_workers=1,  # in this process: spawning workers costs more than the set takes
             seed=self.settings["seed"],
             progress=False,
+            captions=self.settings.get("captions", False),
         )
         shutil.rmtree(tokenizer_dir)  # prepare copied it into the dataset directory
 
@@ -211,7 +290,10 @@ class SyntheticDataModule(PreparedDataModule):
         paths = []
         for index in range(self.settings["num_images"]):
             path = directory / f"image-{index:06d}.png"
-            procedural_image(self.settings["seed"], index, size).save(path)
+            scene = _scene(np.random.default_rng([self.settings["seed"], index]), size, size)
+            scene(0.0).save(path)
+            if self.settings.get("captions"):
+                path.with_suffix(".txt").write_text(scene.caption + "\n")
             paths.append(path)
         return paths
 

@@ -31,7 +31,7 @@ import inspect
 import math
 import warnings
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -43,8 +43,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from jpeglm._compat import checkpoint_wrapper
 from jpeglm.errors import UserError
-from jpeglm.tokenizer import MODALITIES
-from jpeglm.vocabulary import CHECKPOINT_KEY, DescribesVocabulary, records_in, to_records
+from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, PAD_ID
+from jpeglm.vocabulary import CHECKPOINT_KEY, DescribesVocabulary, caption_modalities, records_in, to_records
 
 _MODALITY_NAMES = {tag: name for name, tag in MODALITIES.items()}
 
@@ -88,6 +88,10 @@ class CodecLM(L.LightningModule):
             checkpoint's do (same modalities, offsets and tokenizers), else a UserError. Resuming with
             ``--ckpt_path`` reads this checkpoint too, then restores the resumed one over it. Ignored outside a
             Trainer (sampling, export).
+        caption_loss_weight: weight of the caption tokens (and their text tag) of captioned images in the loss,
+            relative to the image tokens' 1 (0: learn the images only, conditioned on their captions). Bits per byte
+            count image bytes only; ``loss_caption`` is logged apart. Pad (the end of a block whose caption was
+            dropped) is never a target.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class CodecLM(L.LightningModule):
         fsdp_mixed_precision: Literal["none", "bf16"] = "none",
         float8: bool = False,
         init_from: str | None = None,
+        caption_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +122,9 @@ class CodecLM(L.LightningModule):
         self.skipped_steps = 0
         self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes each id stands for, from the data module
         self.vocabulary: list[dict[str, Any]] = []  # what the ids mean (jpeglm.vocabulary records), in checkpoints
+        self.caption_ids: torch.Tensor | None = None  # (vocab,) bool: the ids captions are written in, if any
+        if caption_loss_weight < 0:
+            raise UserError(f"caption_loss_weight must be >= 0, got {caption_loss_weight}")
 
     @classmethod
     def from_hyperparameters(cls, hyper_parameters: dict[str, Any]) -> CodecLM:
@@ -182,6 +190,7 @@ class CodecLM(L.LightningModule):
         if isinstance(datamodule, DescribesVocabulary):
             self.token_bytes = torch.as_tensor(datamodule.token_byte_lengths(), dtype=torch.float32)
             self.vocabulary = to_records(datamodule.modalities()) or self.vocabulary
+            self.caption_ids = caption_id_mask(datamodule.modalities(), len(self.token_bytes))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Tokenizers and codec specs travel with the weights: sampling and export need nothing else.
@@ -196,73 +205,105 @@ class CodecLM(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(self, batch: dict[str, torch.Tensor]) -> _Targets:
         ids = batch["input_ids"].long()  # (B, T + 1)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         logits = self(inputs)  # (B, T, vocab)
         losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
             targets
         )  # (B, T), nats per token
-        return losses, targets
+        return _Targets(losses, targets, *self._caption_and_item(targets, batch.get("modality")))
+
+    def _caption_and_item(self, targets: torch.Tensor, modality: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(B, T) bool masks of the caption targets (caption ids, and the text tag in a captioned item) and of the
+        item's own targets (the rest, pad excepted)."""
+        caption = torch.zeros_like(targets, dtype=torch.bool)
+        if self.caption_ids is not None:
+            self.caption_ids = self.caption_ids.to(targets.device)
+            caption = self.caption_ids[targets.clamp(max=len(self.caption_ids) - 1)]
+            tagged = targets == MODALITIES["text"]
+            if modality is not None:
+                tagged &= (modality != MODALITIES["text"])[:, None]  # a text document's own tag is no caption
+            caption |= tagged
+        return caption, (targets != PAD_ID) & ~caption
+
+    def _loss(self, t: _Targets) -> torch.Tensor:
+        """The loss to learn from: mean over the targets, caption ones weighted ``caption_loss_weight``, pad none."""
+        weights = t.item.float() + self.hparams.get("caption_loss_weight", 1.0) * t.caption.float()
+        return (t.losses * weights).sum() / weights.sum().clamp(min=1e-6)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        losses, targets = self._losses(batch)
-        loss = losses.mean()
+        targets = self._losses(batch)
+        loss = self._loss(targets)
         if self._skip_non_finite(loss):
             return None
         if self.flops_per_batch is None and self.model is not None:
-            self.flops_per_batch = estimate_flops(self.model, training=True) * targets.size(0)
+            self.flops_per_batch = estimate_flops(self.model, training=True) * targets.losses.size(0)
         self.log("train/loss", loss, prog_bar=True)
-        self._log_details("train", losses, targets, batch)
+        self._log_details("train", targets, batch)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses, targets = self._losses(batch)
-        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
-        self._log_details("val", losses, targets, batch, sync_dist=True)
+        targets = self._losses(batch)
+        self.log("val/loss", self._loss(targets), prog_bar=True, sync_dist=True)
+        self._log_details("val", targets, batch, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses, targets = self._losses(batch)
-        self.log("test/loss", losses.mean(), sync_dist=True)
-        self._log_details("test", losses, targets, batch, sync_dist=True)
+        targets = self._losses(batch)
+        self.log("test/loss", self._loss(targets), sync_dist=True)
+        self._log_details("test", targets, batch, sync_dist=True)
 
-    def _log_details(self, stage: str, losses, targets, batch, sync_dist: bool = False) -> None:
-        nbytes = self._target_bytes(targets)  # (B,) bytes each sequence's targets stand for, or None
+    def _log_details(self, stage: str, t: _Targets, batch, sync_dist: bool = False) -> None:
+        losses = t.losses * t.item  # (B, T): the items' own targets (captions and pad apart)
+        nbytes = self._target_bytes(t.targets, t.item)  # (B,) bytes each sequence's targets stand for, or None
         if nbytes is not None:
             bpb = bits_per_byte(losses, nbytes)
             self.log(f"{stage}/bits_per_byte", bpb, prog_bar=stage != "train", sync_dist=sync_dist)
+        if self.caption_ids is not None:  # captioned data: every rank logs it, weighted by its caption targets
+            count = int(t.caption.sum())
+            loss = (t.losses * t.caption).sum() / max(count, 1)
+            self.log(f"{stage}/loss_caption", loss, batch_size=count, sync_dist=sync_dist)
         modality = batch.get("modality")
         if modality is None:
             return
         if not sync_dist:  # training: the modalities of this batch
             if modality.unique().numel() > 1:
                 for tag in modality.unique().tolist():
-                    self._log_modality(stage, _MODALITY_NAMES.get(tag, str(tag)), losses, nbytes, modality == tag)
+                    self._log_modality(stage, _MODALITY_NAMES.get(tag, str(tag)), t, nbytes, modality == tag)
             return
         # Validation and test are reduced across ranks at the epoch's end, metric by metric: every rank must log
         # the same names, so each logs every modality of the data, weighted by its sequences (0 when absent).
-        tags = sorted({MODALITIES[r["modality"]] for r in self.vocabulary if r.get("modality") in MODALITIES})
+        captions = caption_modalities(self.vocabulary)
+        tags = sorted(
+            {
+                MODALITIES[r["modality"]]
+                for i, r in enumerate(self.vocabulary)
+                if i not in captions and r.get("modality") in MODALITIES
+            }
+        )
         for tag in tags if len(tags) > 1 else []:
-            self._log_modality(stage, _MODALITY_NAMES[tag], losses, nbytes, modality == tag, sync_dist=True)
+            self._log_modality(stage, _MODALITY_NAMES[tag], t, nbytes, modality == tag, sync_dist=True)
 
-    def _target_bytes(self, targets: torch.Tensor) -> torch.Tensor | None:
-        """(B,) bytes of codec stream (or text) each sequence's targets stand for; None without byte lengths."""
+    def _target_bytes(self, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bytes of codec stream (or text) the ``keep`` targets of each sequence stand for; None without byte
+        lengths."""
         if self.token_bytes is None:
             return None
         self.token_bytes = self.token_bytes.to(targets.device)
-        return self.token_bytes[targets.clamp(max=len(self.token_bytes) - 1)].sum(dim=1)
+        return (self.token_bytes[targets.clamp(max=len(self.token_bytes) - 1)] * keep).sum(dim=1)
 
-    def _log_modality(self, stage, name, losses, nbytes, chosen, sync_dist: bool = False) -> None:
+    def _log_modality(self, stage, name, t: _Targets, nbytes, chosen, sync_dist: bool = False) -> None:
         """``<stage>/loss_<name>`` and ``<stage>/bits_per_byte_<name>`` of the ``chosen`` (B,) sequences.
 
         Each is weighted by the count of chosen sequences (as the pooled values by the batch size); a batch without
         the modality logs 0 with weight 0, so that every rank logs every name (see :meth:`_log_details`).
         """
         count = int(chosen.sum())
-        loss = losses[chosen].mean() if count else losses.new_zeros(())
+        item, losses = t.item[chosen], t.losses[chosen]
+        loss = (losses * item).sum() / item.sum().clamp(min=1) if count else losses.new_zeros(())
         self.log(f"{stage}/loss_{name}", loss, batch_size=count, sync_dist=sync_dist)
         if nbytes is not None:
-            bpb = bits_per_byte(losses[chosen], nbytes[chosen]) if count else losses.new_zeros(())
+            bpb = bits_per_byte(losses * item, nbytes[chosen]) if count else losses.new_zeros(())
             self.log(f"{stage}/bits_per_byte_{name}", bpb, batch_size=count, sync_dist=sync_dist)
 
     def _skip_non_finite(self, loss: torch.Tensor) -> bool:
@@ -324,6 +365,25 @@ class CodecLM(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class _Targets(NamedTuple):
+    """One batch's per-token losses and targets, and which targets are captions and which the items' own."""
+
+    losses: torch.Tensor  # (B, T) nats per target
+    targets: torch.Tensor  # (B, T) ids
+    caption: torch.Tensor  # (B, T) bool: caption ids, and the text tag of a captioned item
+    item: torch.Tensor  # (B, T) bool: the rest, pad excepted
+
+
+def caption_id_mask(modalities: list[Any], vocab_size: int) -> torch.Tensor | None:
+    """(vocab_size,) bool: the ids of every modality that is some modality's captions; None when there are none."""
+    mask, found = torch.zeros(vocab_size, dtype=torch.bool), False
+    for m in modalities:
+        if getattr(m, "captions", None) is not None:
+            text = m.captions
+            mask[NUM_SPECIAL + text.offset : text.tokenizer.num_ids + text.offset] = found = True
+    return mask if found else None
 
 
 def bits_per_byte(losses: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:

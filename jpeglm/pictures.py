@@ -93,3 +93,27 @@ def grid(rows: list[list[np.ndarray]], min_height: int = MIN_PANEL_HEIGHT) -> np
     for line in lines:
         parts += [np.pad(line, ((0, 0), (0, w - line.shape[1]), (0, 0)), constant_values=255), gap]
     return np.concatenate(parts[:-1], axis=0)
+
+
+def caption_panel(text: str, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) uint8: ``text`` in black on white, wrapped to the width (Pillow's built-in bitmap font),
+    cut with "..." when it does not fit. The first panel of a gallery's caption rows."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=10) if hasattr(ImageFont, "FreeTypeFont") else ImageFont.load_default()
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    lines, line = [], ""
+    for word in text.split():
+        if line and pen.textlength(f"{line} {word}", font=font) > width - 4:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    fit = max(1, (height - 2) // 11)
+    if len(lines) > fit:
+        lines = [*lines[: fit - 1], lines[fit - 1] + " ..."]
+    for index, text_line in enumerate(lines):
+        pen.text((2, 1 + 11 * index), text_line, fill=(0, 0, 0), font=font)
+    return np.asarray(image)

@@ -126,10 +126,8 @@ class NaNAt(CodecLM):
         self.bad = bad_steps
 
     def _losses(self, batch):
-        losses, targets = super()._losses(batch)
-        if self.global_step in self.bad:
-            losses = losses * float("nan")
-        return losses, targets
+        t = super()._losses(batch)
+        return t._replace(losses=t.losses * float("nan")) if self.global_step in self.bad else t
 
 
 def _fit(model, steps, tmp_path):
@@ -207,8 +205,8 @@ class KnownLosses(CodecLM):
     """Per-token losses given by the batch (kept in the graph), so that logged metrics can be checked by hand."""
 
     def _losses(self, batch):
-        losses, targets = super()._losses(batch)
-        return batch["losses"] + 0 * losses, targets
+        t = super()._losses(batch)
+        return t._replace(losses=batch["losses"] + 0 * t.losses)
 
 
 class HandMadeBatch(L.LightningDataModule):
