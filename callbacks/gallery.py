@@ -4,7 +4,8 @@ Prompts are the first validation items of each image or video modality of the da
 with the codec's prompt (JPEG: after the k-th FFD7 marker, k = int(32 * ratio); H.264: the first
 max(1, int(ratio * frames)) frames), completed by the model, decoded (never raising) and shown as rows of
 ``prompt | completion | original``, all through :func:`jpeglm.generation.complete`. Unconditional samples
-start from ``bos, tag``.
+start from ``bos, tag``. For images trained with captions, held-out captions (those of the first validation items)
+are drawn at each guidance scale, in rows of ``caption | image at scale 1 | image at scale 3 ...``.
 
 Sampling is deterministic (its own seeded generator) and leaves no trace: the model's training mode
 and every RNG state (Python, NumPy, torch CPU and CUDA) are restored, so a run with the callback has
@@ -30,7 +31,8 @@ from PIL import Image
 from jpeglm.errors import UserError
 from jpeglm.generation import Completion, complete, item_budget
 from jpeglm.generation.sampling import kv_cache_bytes
-from jpeglm.pictures import completion_row, grid
+from jpeglm.pictures import caption_rows, completion_row, grid
+from jpeglm.tokenizer import MODALITIES
 from jpeglm.vocabulary import DescribesVocabulary, Modality
 
 
@@ -50,6 +52,24 @@ def originals(modality: Modality, count: int) -> list[bytes]:
         if len(streams) == count:
             break
     return streams
+
+
+def held_out_captions(modality: Modality, count: int) -> list[str]:
+    """The captions of the first ``count`` validation items of a captioned modality (training items without a val
+    split): what the model never trained on, to draw from."""
+    dataset = modality.dataset
+    if modality.captions is None or not getattr(dataset, "captions", None):
+        return []
+    split = "val" if dataset.split_dir("val") is not None else "train"
+    offset, tokenizer, captions = dataset.captions["offset"], dataset.caption_tokenizer, []
+    for sample in dataset.samples(split):
+        ids = sample.astype(np.int64)
+        if len(ids) > 2 and ids[1] == MODALITIES["text"] and MODALITIES["jpeg"] in ids:
+            end = int(np.flatnonzero(ids == MODALITIES["jpeg"])[0])
+            captions.append(tokenizer.decode(ids[2:end] - offset).decode("utf-8", errors="replace"))
+        if len(captions) == count:
+            break
+    return captions
 
 
 def logger_step(trainer: L.Trainer) -> int:
@@ -155,6 +175,8 @@ class SampleGallery(EveryNSteps):
         seed: seed of the sampling generator (the same samples every time for the same weights).
         constrain: sample under the codec's stream grammar (JPEG), so every sample is a whole valid image; False:
             unconstrained, as the paper samples.
+        num_captions: held-out captions drawn (``samples/<modality>/captions``), for images trained with captions.
+        cfg_scales: the classifier-free guidance scales each caption is drawn at, one column each (1.0: none).
     """
 
     def __init__(
@@ -169,8 +191,12 @@ class SampleGallery(EveryNSteps):
         top_p: float = 0.9,
         seed: int = 0,
         constrain: bool = True,
+        num_captions: int = 4,
+        cfg_scales: tuple[float, ...] = (1.0, 3.0),
     ) -> None:
         self.every_n_steps = every_n_steps
+        self.num_captions = num_captions
+        self.cfg_scales = tuple(cfg_scales)
         self.num_prompts = num_prompts
         self.ratios = tuple(ratios)
         self.num_unconditional = num_unconditional
@@ -195,7 +221,7 @@ class SampleGallery(EveryNSteps):
         (``config.block_size``), freed before the next: the largest batch decides. On every rank, on top of
         training's memory (the gallery runs between steps; FSDP2 also gathers the whole model for it).
         """
-        batch = max(self.num_prompts if self.ratios else 0, self.num_unconditional)
+        batch = max(self.num_prompts if self.ratios else 0, self.num_unconditional, 2 * self.num_captions)
         return kv_cache_bytes(config, batch, config.block_size, dtype)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, np.ndarray]:
@@ -233,6 +259,13 @@ class SampleGallery(EveryNSteps):
         requests = requests if streams else []
         if self.num_unconditional:
             requests.append(("unconditional", {"num_samples": self.num_unconditional}))
+        captions = held_out_captions(modality, self.num_captions)
+        requests += [
+            (f"captions_cfg_{s:g}", {"captions": captions, "cfg_scale": s, "batch_size": len(captions)})
+            for s in self.cfg_scales
+            if captions
+        ]
+        drawn = []  # the caption rows, one column per scale
         for tag, request in requests:
             warn = self._warn_once(f"SampleGallery ({modality.name}, {tag})")
             try:  # each request in one batch, with the gallery's seed
@@ -243,10 +276,15 @@ class SampleGallery(EveryNSteps):
                 continue
             if completions and tag == "unconditional":
                 yield tag, [[codec.preview(c.decoded) for c in completions]], completions
+            elif completions and "captions" in request:
+                drawn.append(completions)
             elif completions:
                 yield tag, [completion_row(codec, c) for c in completions], completions
+        if drawn:
+            yield "captions", caption_rows(codec, drawn), [c for column in drawn for c in column]
 
     def _write(self, trainer: L.Trainer, pictures: dict[str, np.ndarray], folder: Path) -> None:
+        """PNG files of every picture, and TensorBoard images, at :func:`logger_step`."""
         step = logger_step(trainer)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)

@@ -80,6 +80,12 @@ COMMANDS: dict[str, Command] = {
         "the paper's FID protocol: completions at several prompt ratios, top-k, top-p, seeds",
         summary="summary",
     ),
+    "evaluate-captions": Command(
+        "jpeglm.caption_eval",
+        "evaluate_captions",
+        "does a captioned model draw what it is told? colour agreement at several guidance scales",
+        summary="summary",
+    ),
     "consolidate": Command(
         "jpeglm.checkpoints",
         "consolidate",

@@ -169,10 +169,17 @@ def write_litgpt(config: Config, weights: dict[str, torch.Tensor], output: Path)
 
 
 def write_vocabulary(records: list[dict[str, Any]], output: Path) -> None:
-    """Each modality's tokenizer directory and ``jpeglm_sources.json`` (modality, offset, where its files are)."""
-    listing = []
+    """Each modality's tokenizer directory and ``jpeglm_sources.json`` (modality, offset, where its files are).
+
+    A captioned image modality's entry says which entry holds its captions (``"captions": {"index": i,
+    "max_tokens": n}``, ``i`` counting the entries); two modalities of one name (the captions' text and a text
+    member of a mixture) get numbered directories (``text``, ``text_2``).
+    """
+    listing, used = [], set()
     for r in records:
-        directory = output if len(records) == 1 else output / r["modality"]
+        name = r["modality"] if r["modality"] not in used else f"{r['modality']}_{len(used)}"
+        used.add(name)
+        directory = output if len(records) == 1 else output / name
         # Not from_records: exporting needs no codec, so a codec this installation lacks is no reason to fail.
         CodecTokenizer(Tokenizer.from_str(r["tokenizer"]), r["modality"], r["codec_spec"]).save(directory)
         listing.append(
@@ -181,6 +188,7 @@ def write_vocabulary(records: list[dict[str, Any]], output: Path) -> None:
                 "offset": r["offset"],
                 "tokenizer_dir": directory.relative_to(output).as_posix(),
                 "codec_spec": r["codec_spec"],
+                **({"captions": r["captions"]} if r.get("captions") else {}),
             }
         )
     (output / "jpeglm_sources.json").write_text(json.dumps(listing, indent=2) + "\n")

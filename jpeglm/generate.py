@@ -2,13 +2,15 @@
 
 Prompts come from your images (or videos): each is encoded with the codec the model was trained with and cut
 with the paper's protocol (``ratio``: after the k-th FFD7 marker of a JPEG, the first frames of a video); or
-sampling starts from nothing (``unconditional``). Both go through :func:`jpeglm.generation.complete`.
+sampling starts from nothing (``unconditional``); or, for a model trained on captioned images, from captions
+(``prompt_text``, ``prompt_file``), with classifier-free guidance (``cfg_scale``). All go through
+:func:`jpeglm.generation.complete`.
 Written to ``output``:
 
 - ``sample_0000.jpg`` / ``.mp4``: each sample (``codec.to_file``). When the stream the model wrote is complete
   and valid it is that stream made standalone; otherwise the best-effort decode (grey where the stream broke)
   saved as an ordinary file, so every file opens.
-- ``contact_sheet.png``: one row per sample, ``prompt | completion | original``.
+- ``contact_sheet.png``: one row per sample, ``prompt | completion | original`` (``caption | image`` for captions).
 - ``samples.json``: per sample the file, prompt source, new tokens, complete, fraction decoded, the seed that
   reproduces it, settings and the precision of the weights; and ``skipped``: prompts too long for the model's
   context (each named, with by how much), which are left out while the others are generated.
@@ -30,7 +32,7 @@ from jpeglm.checkpoints import Precision, check_tokenizer, load_model, precision
 from jpeglm.errors import UserError
 from jpeglm.generation import Completion, complete
 from jpeglm.inputs import encode_input, find_inputs
-from jpeglm.pictures import completion_row, grid
+from jpeglm.pictures import caption_rows, completion_row, grid
 from jpeglm.vocabulary import Modality, pick_modality
 
 
@@ -39,6 +41,9 @@ def generate_samples(
     output: str,
     prompt_images: list[str] | None = None,
     unconditional: bool = False,
+    prompt_text: list[str] | None = None,
+    prompt_file: str | None = None,
+    cfg_scale: float = 1.0,
     ratio: float = 0.5,
     num_samples: int = 8,
     max_new_tokens: int | None = None,
@@ -54,15 +59,18 @@ def generate_samples(
     precision: Precision | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Sample images or videos from a checkpoint into files, a contact sheet and samples.json.
+    """Sample images or videos from a checkpoint into files, a contact sheet and samples.json; returns its records.
 
     Args:
         checkpoint: A jpeglm checkpoint (a file, or an FSDP2 sharded directory).
         output: Directory for the samples, contact_sheet.png and samples.json.
         prompt_images: Images (or videos) whose beginnings the model completes: directories, globs or files.
         unconditional: Sample from nothing (bos and the modality tag) instead of completing prompts.
+        prompt_text: Captions to draw, num_samples of each (with prompt images: one for all, or one per image).
+        prompt_file: A text file of captions, one per line, drawn like prompt_text.
+        cfg_scale: Classifier-free guidance scale for captions (1.0: none; the batch doubles).
         ratio: Share of each prompt kept (JPEG: of its restart intervals; video: of its frames).
-        num_samples: How many samples to write (with prompts: the first readable ones).
+        num_samples: How many samples to write (with prompts: the first readable ones; with captions: per caption).
         max_new_tokens: Most new tokens per sample (default: up to the end of the model's context).
         temperature: Sampling temperature (0: greedy).
         top_k: Sample only from the k most likely tokens (0: from all).
@@ -76,17 +84,15 @@ def generate_samples(
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
         precision: The model's weights in bf16 or fp32 (default: bf16 on a CUDA device, fp32 on CPU).
         progress: Show a progress bar.
-
-    Returns:
-        One record per sample, as written to samples.json.
     """
-    _check_request(prompt_images, unconditional, num_samples)
+    captions = _check_request(prompt_images, unconditional, num_samples, _captions(prompt_text, prompt_file))
     model, chosen = _load(checkpoint, device, precision, tokenizer, modality)
     names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
     settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
-    settings["constrain"] = constrain
-    run = {"num_samples": None if streams else num_samples, "seed": seed, "batch_size": batch_size, **settings}
-    names = names or [None] * num_samples
+    settings.update(constrain=constrain, cfg_scale=cfg_scale if captions else None)
+    captions, names = _per_sample(captions, streams, names, num_samples)
+    run = {"num_samples": None if streams else len(names), "seed": seed, "batch_size": batch_size, **settings}
+    run |= {"captions": captions, "cfg_scale": cfg_scale}
     completions, skipped = _complete(model, chosen, streams, names, progress, max_new_tokens=max_new_tokens, **run)
     meta = {"checkpoint": str(checkpoint), **settings, "precision": precision_of(model)}
     return _write(Path(output), chosen, completions, [names[c.index] for c in completions], meta, skipped)
@@ -99,11 +105,48 @@ def summary(records: list[dict[str, Any]]) -> str:
     return f"wrote {len(records)} samples to {folder} ({share:.0%} complete streams); see samples.json"
 
 
-def _check_request(prompt_images: list[str] | None, unconditional: bool, num_samples: int) -> None:
-    if bool(prompt_images) == unconditional:
-        raise UserError("give prompt images to complete (--prompt-images) or --unconditional, exactly one of them")
+def _check_request(
+    prompt_images: list[str] | None, unconditional: bool, num_samples: int, captions: list[str] | None
+) -> list[str] | None:
+    """The captions, once the request makes sense."""
+    if unconditional and (prompt_images or captions):
+        raise UserError("--unconditional samples from nothing: give it without prompt images or captions")
+    if not (unconditional or prompt_images or captions):
+        raise UserError(
+            "give prompt images to complete (--prompt-images), captions to draw (--prompt-text, --prompt-file) or "
+            "--unconditional"
+        )
     if num_samples < 1:
         raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    return captions
+
+
+def _captions(prompt_text: list[str] | None, prompt_file: str | None) -> list[str] | None:
+    """The captions given on the command line and in the file (one per non-empty line), or None."""
+    captions = list(prompt_text or [])
+    if prompt_file is not None:
+        path = Path(prompt_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"prompt_file {path} is not a file: give a text file with one caption per line")
+        captions += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not captions:
+            raise UserError(f"prompt_file {path} holds no caption")
+    return captions or None
+
+
+def _per_sample(
+    captions: list[str] | None, streams: list[bytes] | None, names: list[str], num_samples: int
+) -> tuple[list[str] | None, list[str | None]]:
+    """Each sample's caption (each caption ``num_samples`` times, or with prompt images one for each) and prompt
+    name (None without prompt images)."""
+    if streams is not None:
+        if captions is not None and len(captions) not in (1, len(streams)):
+            raise UserError(f"{len(captions)} captions for {len(streams)} prompt images: give one, or one per image")
+        return (captions * len(streams) if captions and len(captions) == 1 else captions), names
+    if captions is None:
+        return None, [None] * num_samples
+    captions = [caption for caption in captions for _ in range(num_samples)]
+    return captions, [None] * len(captions)
 
 
 def _load(
@@ -195,11 +238,17 @@ def _write(
                 "complete": c.complete,
                 "fraction": round(c.fraction, 4),
                 "seed": c.seed,
+                "caption": c.caption,
                 "tokens_per_s": round(c.tokens_per_s, 1),
                 **settings,
             }
         )
-    Image.fromarray(grid([completion_row(codec, c) for c in completions])).save(out / "contact_sheet.png")
+    rows = (
+        caption_rows(codec, [completions])
+        if completions[0].caption
+        else [completion_row(codec, c) for c in completions]
+    )
+    Image.fromarray(grid(rows)).save(out / "contact_sheet.png")
     (out / "samples.json").write_text(
         json.dumps({"checkpoint": meta["checkpoint"], "samples": records, "skipped": skipped}, indent=2) + "\n"
     )

@@ -117,3 +117,14 @@ def caption_panel(text: str, height: int, width: int) -> np.ndarray:
     for index, text_line in enumerate(lines):
         pen.text((2, 1 + 11 * index), text_line, fill=(0, 0, 0), font=font)
     return np.asarray(image)
+
+
+def caption_rows(codec: Codec, columns: list[list[Completion]]) -> list[list[np.ndarray]]:
+    """Rows of ``caption | sample at the first scale | at the next ...``: ``columns[j][i]`` is caption ``i`` drawn at
+    scale ``j``."""
+    rows = []
+    for samples in zip(*columns, strict=True):
+        pictures = [codec.preview(c.decoded) for c in samples]
+        height = max(p.shape[0] for p in pictures)
+        rows.append([caption_panel(samples[0].caption or "", height, 160 * height // 64), *pictures])
+    return rows

@@ -16,8 +16,9 @@ from jpeglm.model import CodecLM
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_query_groups": 2, "intermediate_size": 172}
 
 
-def data(cache: Path) -> SyntheticDataModule:
+def data(cache: Path, captions: bool = False) -> SyntheticDataModule:
     return SyntheticDataModule(
+        captions=captions,
         seq_len=512,
         batch_size=4,
         num_images=48,
@@ -28,10 +29,13 @@ def data(cache: Path) -> SyntheticDataModule:
     )
 
 
-def fit(tmp_path: Path, callbacks: list, steps: int = 4, name: str = "run") -> tuple[L.Trainer, CodecLM]:
-    """Train a 2-layer CodecLM for ``steps`` steps under ``tmp_path / name`` (data cached next to ``tmp_path``)."""
+def fit(
+    tmp_path: Path, callbacks: list, steps: int = 4, name: str = "run", captions: bool = False
+) -> tuple[L.Trainer, CodecLM]:
+    """Train a 2-layer CodecLM for ``steps`` steps under ``tmp_path / name`` (data cached next to ``tmp_path``;
+    ``captions``: the captioned pictures)."""
     L.seed_everything(3)
-    dm = data(tmp_path.parent / "synthetic-cache")
+    dm = data(tmp_path.parent / "synthetic-cache", captions)
     model = CodecLM(model_overrides=TINY, vocab_size=dm.vocab_size, seq_len=512, learning_rate=1e-3, warmup_steps=1)
     trainer = L.Trainer(
         max_steps=steps,
