@@ -145,8 +145,11 @@ class CodecLM(L.LightningModule):
 
         policy = self._fsdp_policy()  # refuses a wrong combination before anything is built
         init_from = self.hparams.get("init_from") if self._trainer_or_none() is not None else None
-        # Weights to load under FSDP2: built on the meta device, so that no rank ever holds a full copy.
-        with torch.device("meta") if init_from and self.device_mesh is not None else nullcontext():
+        # Under FSDP2, built on the meta device so that no rank ever holds (or initialises) a full copy: Lightning's
+        # ModelParallelStrategy calls this hook without a meta context (Lightning 2.6: `tensor_init_context()`
+        # with empty_init=None), so at 7B every rank would build 26 GB of fp32 weights on the CPU first. The
+        # shards are materialised by the strategy (to_empty + reset_parameters), or filled from init_from.
+        with torch.device("meta") if self.device_mesh is not None else nullcontext():
             model = GPT(self.config)
         if self.hparams.float8 and self._trainer_or_none() is not None:  # before set_init: it swaps the Linears
             convert_float8(model, self.trainer.strategy.root_device)

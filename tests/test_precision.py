@@ -21,6 +21,7 @@ import pytest
 import torch
 from litgpt import GPT
 
+import jpeglm.model
 from jpeglm.errors import UserError
 from jpeglm.model import CodecLM, convert_float8, fsdp_mixed_precision_policy
 
@@ -117,6 +118,14 @@ def train(world: int, steps: int, probe: bool = False, accelerator: str = "cpu",
         model_overrides=TINY, vocab_size=VOCAB, seq_len=SEQ_LEN, learning_rate=3e-3, warmup_steps=2, **model_args
     )
     record = Record(probe)
+    built = jpeglm.model.GPT
+
+    class Spied(built):  # notes where configure_model builds the network
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            record.note("built on", self.lm_head.weight.device.type)
+
+    jpeglm.model.GPT = Spied
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=world,
@@ -131,7 +140,10 @@ def train(world: int, steps: int, probe: bool = False, accelerator: str = "cpu",
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, Blocks())
+    try:
+        trainer.fit(model, Blocks())
+    finally:
+        jpeglm.model.GPT = built
     return record.result()
 
 
@@ -247,6 +259,8 @@ def test_fsdp2_gathers_and_computes_in_bf16_while_shards_gradients_and_adam_stat
     assert bf16["all_gather_single"] == ["torch.bfloat16"]
     assert bf16["reduce_scatter_single"] == ["torch.float32"]
     assert none["all_gather_single"] == ["torch.float32"]
+    # Built on the meta device, so no rank ever holds a whole fp32 model (26 GB at 7B), then materialised as shards.
+    assert bf16["built on"] == none["built on"] == ["meta"]
     # What is kept: fp32 shards (DTensors), fp32 sharded gradients, fp32 AdamW moments.
     assert bf16["parameter"] == ["('DTensor', torch.float32)"]
     assert bf16["gradient"] == ["('DTensor', torch.float32)"]

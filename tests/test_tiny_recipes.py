@@ -1,4 +1,5 @@
-"""The video and the image+text quick starts (recipes/avc_tiny.yaml, recipes/jpeg_text_tiny.yaml), shortened.
+"""The video, image+text and caption quick starts (recipes/avc_tiny.yaml, jpeg_text_tiny.yaml,
+jpeg_caption_tiny.yaml), shortened.
 
 Each runs ``jpeglm fit`` on the recipe as shipped from a fresh directory with an empty cache (data, tokenizer,
 shards and training), with fewer steps and items and a smaller gallery, as tests/test_quickstart.py does for the
@@ -108,3 +109,20 @@ def test_the_image_and_text_quick_start_logs_each_modality(tmp_path):
         assert all(math.isfinite(v) for v in bpb), bpb
         assert bpb[-1] < 0.9 * bpb[0], (modality, bpb)  # both modalities learn
     assert "samples/jpeg/ratio_0.50" in events.Tags()["images"]  # the JPEG member's gallery; text draws nothing
+
+
+@pytest.mark.slow
+def test_the_caption_quick_start_draws_held_out_captions(tmp_path):
+    gallery = {**GALLERY, "num_captions": 2, "cfg_scales": [1.0, 3.0], "max_new_tokens": 300}
+    events = fit(
+        tmp_path, "jpeg_caption_tiny.yaml", gallery,
+        "--trainer.max_steps=30", "--trainer.val_check_interval=15", "--trainer.limit_val_batches=2",
+        "--data.init_args.num_images=256", "--model.warmup_steps=5",
+    )  # fmt: skip
+    bpb = values(events, "val/bits_per_byte")
+    assert len(bpb) == 3
+    assert bpb[-1] < 0.9 * bpb[0]
+    assert "val/loss_caption" in events.Tags()["scalars"]
+    captions = events.Images("samples/jpeg/captions")[-1]  # 2 rows: caption | scale 1 | scale 3, at 2x
+    assert (captions.width, captions.height) == ((2 * 160 + 6) + 2 * 134 + 2 * 16, 2 * 134 + 16)
+    assert values(events, "samples/complete")[-1] == 1.0  # every caption drawn whole, under the grammar
