@@ -213,15 +213,18 @@ class SampleGallery(EveryNSteps):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool) -> None:
         self.draw(trainer, pl_module, end)
 
-    def kv_cache_bytes(self, config: Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    def kv_cache_bytes(self, config: Config, dtype: torch.dtype = torch.bfloat16, captioned: bool = False) -> int:
         """The most KV cache one gallery allocates for a model of ``config`` computing in ``dtype``.
 
         The gallery samples one batch at a time (each ratio's ``num_prompts`` prompts, then the
-        ``num_unconditional`` samples), each with a cache of its batch x up to the whole context
+        ``num_unconditional`` samples, then for captioned data (``captioned``) the ``num_captions`` captions at each
+        scale, twice as many rows under guidance), each with a cache of its batch x up to the whole context
         (``config.block_size``), freed before the next: the largest batch decides. On every rank, on top of
         training's memory (the gallery runs between steps; FSDP2 also gathers the whole model for it).
         """
-        batch = max(self.num_prompts if self.ratios else 0, self.num_unconditional, 2 * self.num_captions)
+        guided = any(s != 1.0 for s in self.cfg_scales)
+        captions = (2 if guided else 1) * self.num_captions if captioned else 0
+        batch = max(self.num_prompts if self.ratios else 0, self.num_unconditional, captions)
         return kv_cache_bytes(config, batch, config.block_size, dtype)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, end: bool = False) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from jpeglm.cli import main
 from jpeglm.codecs import JpegCodec
 from jpeglm.data_modules.synthetic import procedural_caption, procedural_image
 from jpeglm.export import export
+from jpeglm.generation.sampling import kv_cache_bytes
 from jpeglm.tokenizer import CodecTokenizer
 
 
@@ -35,7 +36,22 @@ def run(tmp_path_factory):
 
 def test_the_gallery_draws_held_out_captions_at_each_scale(run):
     trainer, model, gallery, _ = run
-    pictures = gallery.draw(trainer, model, end=True)  # after training: scalars straight to the loggers
+    batches, set_kv_cache = [], model.model.set_kv_cache
+
+    def spy(batch_size, *args, **kwargs):
+        batches.append(batch_size)
+        return set_kv_cache(batch_size, *args, **kwargs)
+
+    model.model.set_kv_cache = spy
+    try:
+        pictures = gallery.draw(trainer, model, end=True)  # after training: scalars straight to the loggers
+    finally:
+        del model.model.set_kv_cache
+    assert max(batches) == 4  # 2 captions and their uncaptioned twins: what the memory arithmetic says
+    config = model.model.config
+    assert gallery.kv_cache_bytes(config, torch.float32, captioned=True) == kv_cache_bytes(
+        config, 4, 512, torch.float32
+    )
     sheet = pictures["samples/jpeg/captions"]  # 2 rows: caption | scale 1 | scale 3, 64 px shown at 2x
     assert sheet.shape == (2 * 134 + 16, (2 * 160 + 6) + 2 * 134 + 2 * 16, 3)
     assert "samples/jpeg/unconditional" in pictures

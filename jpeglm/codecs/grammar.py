@@ -25,7 +25,7 @@ State
     holds the MCUs left in the current restart interval (clipped to 9: one byte's 8 bits cannot finish more than
     8 MCUs) and the marker that will end the interval (0 when ``left`` is clipped). The byte gives the new
     ``local`` and how many MCUs it finished. Only a byte that finishes an MCU reads ``ctx``, so moves are
-    memoized per ``(local, byte)`` and, for those bytes alone, per ``(local, ctx, byte)``.
+    memoized per ``(local, byte)`` and, for those bytes alone, per ``(local, ctx, byte)`` (see "Moves").
 
     Every accepted state can still be completed: a partial Huffman code is refused as soon as no code it starts
     is valid at the current coefficient (near coefficient 63 only short runs and EOB are), so masks never leave a
@@ -72,7 +72,35 @@ Budget
     state: ``ceil(c_max / 8)`` more data bytes, and as many stuffed 0x00s at most, plus one after the padding and
     one pending), so with ``budget - 1 >= finish(s) + fast_margin`` the plain cached mask is returned as it is.
     That bound holds when no 8 consecutive bits of the repeated cheapest MCU are 1s (true for the standard tables:
-    their codes hold 0s); otherwise ``fast_margin`` is None and every budgeted call filters.
+    their codes hold 0s); otherwise ``fast_margin`` is None and every budgeted call filters. Whether a budget is
+    that ample is decided on an upper bound of ``finish(s)`` that takes no walk (``c_max`` bits to end the MCU,
+    ``M`` for each further one of the interval, every data byte stuffed, or with that property only those of the
+    current MCU and the padding), so a sampler far from its budget never computes a finish cost at all.
+
+Moves
+    Masks are built, and single ids checked, from memoized tables rather than by decoding bits in Python
+    (:meth:`JpegGrammar._step_byte`, the reference decoder, now only explains refusals and serves the tests):
+
+    * *bit pairs*: a DATA state without a pending stuffed byte is a bit state; ``_pairs[s]`` holds its two moves
+      by one bit, a bit state, :data:`_NO` (refused) or :data:`_CTX` (the MCU ended: the context decides). One
+      entry per (block, coefficient, code node or extra bits): some 60,000 for 4:2:0, built in bulk once per block
+      layout (some 0.2 s) and shared by every grammar of it, as are the cheapest bits of the finish costs;
+    * *nibble rows*: ``_nibbles[s]``, the 16 moves of a bit state by 4 bits, from its pairs;
+    * *byte rows*: ``_rows[local]``, the 256 moves of a state, 16 nibble rows joined (DATA; a stuffed 0x00, a
+      marker or header byte otherwise: one byte allowed); a trie node with many edges (the root) reads them in bulk;
+    * *single moves*: ``_moves[local << 8 | byte]``, 8 bit pairs, for the few edges deeper in the token trie, for
+      :meth:`JpegGrammar.advance` and so for :meth:`TokenGrammar.step`; and the ``_CTX`` moves, per
+      ``(local, ctx, byte)``.
+
+    :meth:`JpegGrammar.advance`, the trie walk of :meth:`TokenGrammar.allowed` and the cheapest continuation
+    (finish costs) all read these tables, so a state never seen costs a walk of dict and list lookups (the mask of
+    a 320-id tokenizer's DATA state: some 0.33 ms instead of 1.8 ms on this project's shared 2-core machine; a
+    single id: some 9 µs instead of 20). Caches past a size limit start again (an untrained model meets a new
+    state nearly every step), and :meth:`TokenGrammar.for_tokenizer` keeps its last few grammars.
+
+    A sampler need not build masks at all: :meth:`TokenGrammar.allows` answers for one id, and
+    :class:`~jpeglm.generation.GrammarConstraint` lets :func:`~jpeglm.generation.generate` draw from all ids and
+    build the mask only for rows whose draws the grammar refuses (exact: see its ``_Sampler._draw_lazily``).
 """
 
 from __future__ import annotations
@@ -80,6 +108,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from jpeglm.codecs.jpeg import JpegCodec
@@ -88,7 +117,14 @@ HEAD, DATA, MARK1, MARK2, DONE = range(5)
 _EOI = 0xD9
 _CLIP = 9  # ctx clips the MCUs left in an interval here: one byte (8 bits) finishes at most 8 MCUs
 _UNSEEN = object()
-_CTX = object()  # a byte's move depends on the context: it finishes an MCU
+_PAIRS: dict[str, dict[int, tuple[int, int]]] = {}  # the bit moves of each block layout (see "Moves")
+_CHOICES: dict[str, dict[int, int]] = {}  # the cheapest bits of each block layout
+_COSTS: dict[str, list[tuple[list[list[int]], list[int]]]] = {}  # the finish cost tables of each block layout
+_GRAMMARS: dict[tuple[str, int, int, int], tuple[Any, TokenGrammar]] = {}  # TokenGrammar.for_tokenizer's, kept
+_GRAMMARS_KEPT = 4
+_NO, _CTX = -1, -2  # moves: refused; depends on the context (finishes an MCU). Other moves are states (ints >= 0)
+_ROW_LIMIT = 1 << 14  # byte rows kept (2 KB each); past it that cache starts again (so do the others)
+_MOVE_LIMIT = 1 << 19  # single byte moves kept
 
 
 class _NeedsContext(Exception):
@@ -98,6 +134,8 @@ class _NeedsContext(Exception):
 _Tree = tuple[list[list[int | None]], list[tuple[int, int]], list[int]]  # (children, prefixes, limits): _code_tree
 _WIDTHS = {HEAD: (20,), DATA: (4, 7, 9, 4, 1), MARK1: (8, 1), MARK2: (8,), DONE: ()}  # bits per field of a state
 _SHIFTS = {phase: tuple(3 + sum(widths[:i]) for i in range(len(widths))) for phase, widths in _WIDTHS.items()}
+_DATA_FIELDS = list(zip(_SHIFTS[DATA], _WIDTHS[DATA], strict=True))  # (shift, width) of block, k, node, extra, stuff
+_STUFF = 1 << _SHIFTS[DATA][4]  # the ``stuff`` bit of a packed DATA state (the last byte was 0xFF)
 
 
 class State(NamedTuple):
@@ -142,9 +180,16 @@ class JpegGrammar:
         if len(self._trees) >= 1 << _WIDTHS[DATA][0] or max(len(t[0]) for b in self._trees for t in b) > 1 << 9:
             raise ValueError("more blocks per MCU or Huffman codes than baseline JPEG allows")
         self._unpacked: dict[int, tuple[int, ...]] = {}
-        self._rows: dict[int, list[Any]] = {}  # local -> the move of each byte, _CTX where it needs the context
+        self._fingerprint = repr(self._trees)  # grammars of equal Huffman trees and blocks share their bit tables
+        if self._fingerprint not in _PAIRS:
+            _PAIRS[self._fingerprint] = _all_pairs(self._trees)
+        self._pairs = _PAIRS[self._fingerprint]  # bit state -> its moves by bit 0 and by bit 1
+        self._nibbles = {_NO: [_NO] * 16, _CTX: [_CTX] * 16}  # bit state -> its moves by 4 bits
+        self._rows: dict[int, list[int]] = {}  # local -> its move by each byte (see "Moves")
+        self._moves: dict[int, int] = {}  # local << 8 | byte -> the move (see "Moves")
         self._by_ctx: dict[tuple[int, tuple[int, int], int], tuple[int, int] | None] = {}
         self._scan = self._pack((DATA, 0, 0, 0, 0, 0))
+        self._marks = {(m, ff): self._pack((MARK1, m, int(ff))) for m in [*range(0xD0, 0xD8), _EOI] for ff in (0, 1)}
         self.start = State(self._pack((HEAD, 0)), 0)
         self._finish: _Finisher | None = None
 
@@ -189,23 +234,20 @@ class JpegGrammar:
             data: the bytes to append.
         """
         local, mcus = state
-        ctx, rows, by_ctx = self._ctx, self._rows, self._by_ctx
+        moves, byte_move, ctx_move = self._moves, self._byte_move, self._ctx_move
         for byte in data:
-            row = rows.get(local)
-            if row is None:
-                row = rows[local] = [_UNSEEN] * 256
-            moved = row[byte]
-            if moved is _UNSEEN:
-                moved = row[byte] = self._step_byte(local, None, byte)
-            if moved is _CTX:
-                key = (local, ctx[mcus], byte)
-                moved = by_ctx.get(key, _UNSEEN)
-                if moved is _UNSEEN:
-                    moved = by_ctx[key] = self._step_byte(local, key[1], byte)
+            moved = moves.get(local << 8 | byte)
             if moved is None:
+                moved = byte_move(local, byte)
+            if moved == _NO:
                 return None
-            local, done = moved
-            mcus += done
+            if moved == _CTX:
+                moved = ctx_move(local, mcus, byte)
+                if moved is None:
+                    return None
+                local, mcus = moved
+            else:
+                local = moved
         return State(local, mcus)
 
     def finished(self, state: State) -> bool:
@@ -285,6 +327,8 @@ class JpegGrammar:
     def _step_byte(self, index: int, ctx: tuple[int, int] | None, byte: int, explain: bool = False) -> Any:
         """``(local, MCUs finished)`` after ``byte``, or None; with ``explain`` a bad byte raises :class:`_Reject`.
 
+        The reference decoder, bit by bit: the move tables (see "Moves" in the module docstring) give the same.
+
         With ``ctx`` None, a probe: a byte that would finish an MCU gives ``_CTX`` (its move needs the context).
         """
         local = self._unpack(index)
@@ -357,6 +401,170 @@ class JpegGrammar:
                 return self._pack((MARK1, ctx[1], int(byte == 0xFF))), done
         return self._pack((DATA, block, k, node, extra, int(byte == 0xFF))), done
 
+    # ------------------------------------------------------------------ moves (table-driven)
+
+    def _row(self, local: int) -> list[int]:
+        """The move of ``local`` by each byte (see "Moves" in the module docstring); kept."""
+        if len(self._rows) >= _ROW_LIMIT:
+            self._rows.clear()
+        if local & 7 == DATA and not local & _STUFF:
+            nibbles, row = self._nibbles, []
+            for mid in nibbles.get(local) or self._nibble_row(local):  # after the high 4 bits: the low 4 bits' row
+                row += nibbles.get(mid) or self._nibble_row(mid)
+            if row[255] >= 0:
+                row[255] |= _STUFF  # 0xFF: a stuffed 0x00 comes next
+        else:
+            row = [_NO] * 256
+            byte = self._only_byte(local)
+            if byte is not None:
+                row[byte] = self._byte_move(local, byte)
+        self._rows[local] = row
+        return row
+
+    def _only_byte(self, local: int) -> int | None:
+        """The one byte that may follow ``local`` outside entropy-coded data bits (None after EOI)."""
+        fields = self._unpack(local)
+        phase = fields[0]
+        if phase == HEAD:
+            return self.header[fields[1]]
+        if phase == MARK2:
+            return fields[1]
+        if phase == DONE:
+            return None
+        return 0 if fields[-1] else 0xFF  # a stuffed 0x00, or a marker's 0xFF
+
+    def _byte_move(self, local: int, byte: int) -> int:
+        """The move of ``local`` by ``byte`` (as in its :meth:`_row`), memoized per ``(local, byte)``."""
+        if len(self._moves) >= _MOVE_LIMIT:
+            self._moves.clear()
+        key, pairs = local << 8 | byte, self._pairs
+        if local & 7 != DATA or local & _STUFF:
+            moved = self._step_byte(local, None, byte)
+            self._moves[key] = _NO if moved is None else moved[0]
+            return self._moves[key]
+        for shift in (7, 6, 5, 4, 3, 2, 1, 0):
+            local = (pairs.get(local) or self._pair(local))[(byte >> shift) & 1]
+            if local < 0:
+                break
+        else:
+            local = local | _STUFF if byte == 0xFF else local
+        self._moves[key] = local
+        return local
+
+    def _ctx_move(self, local: int, mcus: int, byte: int) -> tuple[int, int] | None:
+        """``(local, mcus)`` after a byte that finishes an MCU from DATA ``local`` (a :data:`_CTX` move), or None."""
+        moved = self._ctx_byte(local, self._ctx[mcus], byte)
+        return None if moved is None else (moved[0], mcus + moved[1])
+
+    def _ctx_byte(self, local: int, ctx: tuple[int, int], byte: int) -> tuple[int, int] | None:
+        """``(local, MCUs finished)`` after ``byte`` from DATA ``local`` (no stuffing pending) in context ``ctx``, or
+        None; memoized per ``(local, ctx, byte)``."""
+        key = (local, ctx, byte)
+        moved = self._by_ctx.get(key, _UNSEEN)
+        if moved is _UNSEEN:
+            if len(self._by_ctx) >= _MOVE_LIMIT:
+                self._by_ctx.clear()
+            pairs, done = self._pairs, 0
+            for shift in (7, 6, 5, 4, 3, 2, 1, 0):
+                local = (pairs.get(local) or self._pair(local))[(byte >> shift) & 1]
+                if local == _NO:
+                    break
+                if local == _CTX:  # the MCU ended
+                    done, local = done + 1, self._scan
+                    if done == ctx[0]:  # and the interval: the rest of the byte is padding, 1-bits
+                        pad = (1 << shift) - 1
+                        local = self._marks[ctx[1], byte == 0xFF] if byte & pad == pad else _NO
+                        break
+            else:
+                local = local | _STUFF if byte == 0xFF else local
+            moved = self._by_ctx[key] = None if local == _NO else (local, done)
+        return moved  # type: ignore[return-value]
+
+    def _nibble_row(self, bits: int) -> list[int]:
+        """The moves of the bit state ``bits`` by each 4 bits (MSB first): bit states, :data:`_NO` or :data:`_CTX`."""
+        pairs, level = self._pairs, [bits]
+        for _ in range(4):
+            level = [y for x in level for y in ((x, x) if x < 0 else pairs.get(x) or self._pair(x))]
+        self._nibbles[bits] = level
+        return level
+
+    def _pair(self, bits: int) -> tuple[int, int]:
+        """The moves of the bit state ``bits`` (a packed DATA state, no stuffing) by bit 0 and by bit 1: a bit state,
+        :data:`_NO` (refused) or :data:`_CTX` (the MCU ended). The decoding of :meth:`_bits`, one bit at a time."""
+        fields = [(bits >> shift) & ((1 << width) - 1) for shift, width in _DATA_FIELDS[:4]]
+        pair = self._pairs[bits] = (self._bit(*fields, 0), self._bit(*fields, 1))
+        return pair
+
+    def _bit(self, block: int, k: int, node: int, extra: int, bit: int) -> int:
+        tree = self._trees[block][k != 0]
+        if extra:
+            extra -= 1
+        else:
+            child = tree[0][node][bit]
+            if child is None:
+                return _NO
+            if child > 0:
+                return _data_state(block, k, child, 0) if k <= tree[2][child] else _NO  # inside a code
+            k, extra = _after_symbol(~child, k)
+            if k < 0:
+                return _NO
+            node = 0
+        if extra or k < 64:
+            return _data_state(block, k, node, extra)
+        if block + 1 < len(self._trees):  # the block ended (EOB, or coefficient 63 written)
+            return _data_state(block + 1, 0, 0, 0)
+        return _CTX
+
+
+def _after_symbol(symbol: int, k: int) -> tuple[int, int]:
+    """``(k, extra)`` after a Huffman symbol read at coefficient ``k`` (as :func:`_symbol`); k = -1: refused."""
+    if k == 0:
+        return 1, symbol  # DC: `symbol` magnitude bits follow
+    run, size = symbol >> 4, symbol & 15
+    if size:
+        return (-1, 0) if k + run > 63 else (k + run + 1, size)
+    if run == 15:  # ZRL: 16 zeros
+        return (-1, 0) if k + 16 > 64 else (k + 16, 0)
+    return 64, 0  # EOB
+
+
+def _all_pairs(trees: list[tuple[_Tree, _Tree]]) -> dict[int, tuple[int, int]]:
+    """The moves by bit 0 and by bit 1 (:meth:`JpegGrammar._bit`) of every bit state, in bulk: some 60,000 for 4:2:0
+    (a few blocks, 64 coefficients, the code tree's nodes or the extra bits left), built once per block layout."""
+    pairs: dict[int, tuple[int, int]] = {}
+    for block, (dc, ac) in enumerate(trees):
+        ended = _data_state(block + 1, 0, 0, 0) if block + 1 < len(trees) else _CTX  # the block's end
+        for k in range(1, 65):  # extra bits: either bit moves alike
+            for extra in range(1, 16):
+                moved = _data_state(block, k, 0, extra - 1) if extra > 1 or k < 64 else ended
+                pairs[_data_state(block, k, 0, extra)] = (moved, moved)
+        for tree, ks in ((dc, range(1)), (ac, range(1, 64))):
+            children, _, limits = tree
+            for node, kids in enumerate(children):
+                zero, one = (_kid_moves(block, ks, kid, limits, ended) for kid in kids)
+                for k, pair in zip(ks, zip(zero, one, strict=True), strict=True):
+                    if not node or k <= limits[node]:
+                        pairs[_data_state(block, k, node, 0)] = pair
+    return pairs
+
+
+def _kid_moves(block: int, ks: range, kid: int | None, limits: list[int], ended: int) -> list[int]:
+    """The move by the bit that leads to ``kid`` (a code node's child) at each coefficient of ``ks``."""
+    if kid is None:
+        return [_NO] * len(ks)
+    if kid > 0:
+        return [_data_state(block, k, kid, 0) if k <= limits[kid] else _NO for k in ks]
+    moves = []
+    for k in ks:
+        k, extra = _after_symbol(~kid, k)
+        moves.append(_NO if k < 0 else _data_state(block, k, 0, extra) if extra or k < 64 else ended)
+    return moves
+
+
+def _data_state(block: int, k: int, node: int, extra: int) -> int:
+    """The packed DATA state (no stuffing pending): ``JpegGrammar._pack((DATA, block, k, node, extra, 0))``."""
+    return DATA | block << 3 | k << 7 | node << 14 | extra << 23
+
 
 def _symbol(tree: _Tree, node: int, k: int, bit: int) -> tuple[int, int]:
     """The Huffman code bit that is not inside a code: ``(k, extra)`` after its symbol (k = 64: the block ended).
@@ -410,11 +618,13 @@ class _Finisher:
 
     def __init__(self, grammar: JpegGrammar) -> None:
         self.grammar = grammar
-        tables: dict[tuple[int, int], tuple[list[list[int]], list[int]]] = {}
-        for dc, ac in grammar._trees:
-            if (id(dc), id(ac)) not in tables:
-                tables[id(dc), id(ac)] = _cost_rows(dc, ac)
-        self.tables = [tables[id(dc), id(ac)] for dc, ac in grammar._trees]
+        if grammar._fingerprint not in _COSTS:  # shared by grammars of equal Huffman trees and blocks
+            tables: dict[tuple[int, int], tuple[list[list[int]], list[int]]] = {}
+            for dc, ac in grammar._trees:
+                if (id(dc), id(ac)) not in tables:
+                    tables[id(dc), id(ac)] = _cost_rows(dc, ac)
+            _COSTS[grammar._fingerprint] = [tables[id(dc), id(ac)] for dc, ac in grammar._trees]
+        self.tables = _COSTS[grammar._fingerprint]
         block_bits = [rows[0][0] for rows, _ in self.tables]
         self.mcu_bits = sum(block_bits)
         rest = [sum(block_bits[b + 1 :]) for b in range(len(block_bits))]
@@ -426,7 +636,10 @@ class _Finisher:
         interval, total = codec.restart_interval, codec.num_mcus
         self.left = [min(interval - m % interval, total - m) for m in range(total)]
         self._memo: dict[tuple[int, int], int] = {}
-        self._bytes: dict[tuple[int, int], int] = {}
+        self._bytes: dict[tuple[int, int], tuple[int, int, int]] = {}
+        if grammar._fingerprint not in _CHOICES:
+            _CHOICES[grammar._fingerprint] = self._all_choices()
+        self._choices = _CHOICES[grammar._fingerprint]  # bit state -> its cheapest next bit
         self.tail = [0] * (total + 1)
         for first in reversed(range(0, total, interval)):
             self.tail[first] = self._interval(grammar._scan, self.left[first]) + self.tail[first + self.left[first]]
@@ -434,16 +647,29 @@ class _Finisher:
     def cost(self, state: State) -> int:
         """Bytes of the cheapest continuation of ``state`` to EOI."""
         local, mcus = state
+        if local & 7 == DATA:
+            n = self.left[mcus]
+            total = self._memo.get((local, n))
+            return (self._interval(local, n) if total is None else total) + self.tail[mcus + n]
         fields = self.grammar._unpack(local)
         phase = fields[0]
-        if phase == DATA:
-            n = self.left[mcus]
-            return self._interval(local, n) + self.tail[mcus + n]
         if phase == HEAD:
             return len(self.grammar.header) - fields[1] + self.tail[0]
         if phase == MARK1:
             return fields[2] + 2 + self.tail[mcus]
         return 1 + self.tail[mcus] if phase == MARK2 else 0
+
+    def bound(self, state: State) -> int:
+        """An upper bound on :meth:`cost` that takes no walk: a DATA state's cheapest continuation takes at most
+        ``c_max`` bits to end its MCU, then ``M`` for each further MCU of the interval; it stuffs at most every data
+        byte (with ``ff_free``: those holding bits of the current MCU, and the padding byte)."""
+        local, mcus = state
+        if local & 7 != DATA:
+            return self.cost(state)
+        n = self.left[mcus]
+        data = -(-(self.max_finish_bits + (n - 1) * self.mcu_bits) // 8)
+        stuffed = min(data, -(-self.max_finish_bits // 8) + 1) if self.ff_free else data
+        return int(local & _STUFF > 0) + data + stuffed + 2 + self.tail[mcus + n]
 
     def next_byte(self, state: State) -> int:
         """The first byte of the cheapest continuation of an unfinished ``state``."""
@@ -460,22 +686,20 @@ class _Finisher:
     def _interval(self, local: int, n: int) -> int:
         """Bytes of the cheapest continuation of DATA ``local`` with ``n`` MCUs left in the interval, through the
         interval's marker (memoized per ``(local, n)``, filled backwards along the continuation)."""
-        grammar, memo, path = self.grammar, self._memo, []
+        memo, path = self._memo, []
         total = memo.get((local, n))
+        if total is None and len(memo) >= _MOVE_LIMIT:
+            memo.clear()
         while total is None:
             path.append((local, n))
-            fields = grammar._unpack(local)
-            if fields[-1]:  # the stuffed 0x00
-                local = grammar._pack(fields[:-1] + (0,))
+            if local & _STUFF:  # the stuffed 0x00
+                local ^= _STUFF
             else:
-                byte = self._data_byte(local, n)
-                moved = grammar._step_byte(local, (min(n, _CLIP), 0xD0), byte)
-                if not isinstance(moved, tuple):
-                    raise AssertionError(f"the cheapest byte 0x{byte:02X} was refused from {fields}")
-                if moved[1] == n:  # the interval ended: padding written, (a stuffed 0x00,) the marker
+                byte, after, done = self._cheapest(local, n)
+                if done == n:  # the interval ended: padding written, (a stuffed 0x00,) the marker
                     total = int(byte == 0xFF) + 2
                     break
-                local, n = moved[0], n - moved[1]
+                local, n = after, n - done
             total = memo.get((local, n))
         for key in reversed(path):
             total += 1
@@ -484,22 +708,33 @@ class _Finisher:
 
     def _data_byte(self, local: int, n: int) -> int:
         """The next byte of the cheapest continuation of DATA ``local`` (no stuffing pending), ``n`` MCUs left."""
+        return self._cheapest(local, n)[0]
+
+    def _cheapest(self, local: int, n: int) -> tuple[int, int, int]:
+        """``(byte, local after it, MCUs it finishes)``: the next byte of the cheapest continuation of DATA ``local``
+        (no stuffing pending) with ``n`` MCUs left in the interval, and where it leads (when it ends the interval,
+        the rest of it is padding and the local is meaningless). Memoized per ``(local, min(n, 9))``."""
         key = (local, min(n, _CLIP))
-        byte = self._bytes.get(key)
-        if byte is None:
-            _, block, k, node, extra, _ = self.grammar._unpack(local)
+        found = self._bytes.get(key)
+        if found is None:
+            if len(self._bytes) >= _MOVE_LIMIT:
+                self._bytes.clear()
+            grammar, choices, start = self.grammar, self._choices, local
             byte = done = 0
             for _ in range(8):
                 bit = 1  # padding once the interval ended
                 if done < n:
-                    bit, k, node, extra, ended = self._bit(block, k, node, extra)
-                    if ended:
-                        block, k = block + 1, 0
-                        if block == len(self.tables):
-                            block, done = 0, done + 1
+                    bit = choices.get(local)
+                    if bit is None:
+                        bit = choices[local] = self._bit(*grammar._unpack(local)[1:5])[0]
+                    local = (grammar._pairs.get(local) or grammar._pair(local))[bit]
+                    if local == _CTX:  # the MCU ended
+                        local, done = grammar._scan, done + 1
+                    elif local == _NO:
+                        raise AssertionError(f"the cheapest bit {bit} was refused from {grammar._unpack(start)}")
                 byte = byte << 1 | bit
-            self._bytes[key] = byte
-        return byte
+            found = self._bytes[key] = (byte, local | _STUFF if byte == 0xFF else local, done)
+        return found
 
     def _bit(self, block: int, k: int, node: int, extra: int) -> tuple[int, int, int, int, bool]:
         """The cheapest next bit: ``(bit, k, node, extra, whether the block ended)`` after it."""
@@ -516,6 +751,23 @@ class _Finisher:
             return bit, k, child, 0, False
         k, extra = _symbol(tree, node, k, bit)
         return bit, k, 0, extra, not extra and k == 64
+
+    def _all_choices(self) -> dict[int, int]:
+        """The cheapest next bit (:meth:`_bit`) of every bit state at a Huffman code node that can end its block,
+        in bulk (0 for extra bits, left to :meth:`_bit`): some 60,000 for 4:2:0, built once per block layout."""
+        choices: dict[int, int] = {}
+        for block, (dc, ac) in enumerate(self.grammar._trees):
+            rows, end = self.tables[block]
+            for tree, ks in ((dc, range(1)), (ac, range(1, 64))):
+                children, _, limits = tree
+                for node, kids in enumerate(children):
+                    for k in ks:
+                        if node and k > limits[node]:
+                            continue
+                        zero, one = (_child_cost(tree, k, kid, rows[k], end) for kid in kids)
+                        if min(zero, one) < _BIG:
+                            choices[_data_state(block, k, node, 0)] = int(one < zero)
+        return choices
 
     def _mcu_pattern(self) -> str:
         """The bits of the cheapest MCU, as a string of 0s and 1s."""
@@ -597,7 +849,11 @@ class TokenGrammar:
             interned.setdefault(tuple(contexts[m : m + reach + 1]), len(interned)) for m in range(len(grammar._ctx))
         ]
         self._edges, self._ends = _trie(self.pieces)
+        self._inner = [bool(out) for out in self._edges]  # trie nodes with children
+        self._labels = [[byte for byte, _ in out] for out in self._edges]  # the bytes of each node's edges
+        self._children = [[child for _, child in out] for out in self._edges]
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._mask_limit = max(1 << 10, (1 << 26) // num_ids)  # masks kept: some 64 MB; past it the cache starts again
         self._steps: dict[tuple[int, int, int], tuple[int, int] | None] = {}
         self._bytes = {p[0] for p in self.pieces if p and len(p) == 1}
         self._rises: dict[tuple[int, ...], tuple[torch.Tensor, int, list[int]]] = {}
@@ -605,12 +861,16 @@ class TokenGrammar:
         # MCUs left in every interval it reaches (no interval is clipped, as with restart intervals <= 8).
         self._rises_by_key = grammar.codec.restart_interval < _CLIP
         self._margin: int | None | object = _UNSEEN
+        self._cost: Any = None  # the finisher's cost, once every single byte is known to be a piece
+        self._bound: Any = None  # and its upper bound
 
     @classmethod
     def for_tokenizer(
         cls, codec: JpegCodec, tokenizer: Any, offset: int = 0, num_ids: int | None = None
     ) -> TokenGrammar:
-        """The grammar over a :class:`~jpeglm.tokenizer.CodecTokenizer`'s ids.
+        """The grammar over a :class:`~jpeglm.tokenizer.CodecTokenizer`'s ids; the last few made are kept (per codec
+        spec, tokenizer, offset and ``num_ids``), so that their caches serve every later call: the pipeline rebuilds
+        the codec from its spec for each :func:`~jpeglm.generation.complete` (each gallery, each FID batch).
 
         Args:
             codec: the codec of the streams the tokenizer reads.
@@ -621,10 +881,18 @@ class TokenGrammar:
         from jpeglm.tokenizer import EOS_ID, NUM_SPECIAL
 
         num_ids = tokenizer.num_ids + offset if num_ids is None else num_ids
+        key = (repr(sorted(codec.spec.items())), id(tokenizer), offset, num_ids)
+        kept = _GRAMMARS.get(key)
+        if kept is not None and kept[0] is tokenizer:
+            return kept[1]
         pieces: list[bytes | None] = [None] * (tokenizer.num_ids + offset)
         for token_id in range(NUM_SPECIAL, tokenizer.num_ids):
             pieces[token_id + offset] = tokenizer.token_bytes(token_id)
-        return cls(JpegGrammar(codec), pieces, EOS_ID, num_ids)
+        grammar = cls(JpegGrammar(codec), pieces, EOS_ID, num_ids)
+        if len(_GRAMMARS) >= _GRAMMARS_KEPT:
+            del _GRAMMARS[next(iter(_GRAMMARS))]
+        _GRAMMARS[key] = (tokenizer, grammar)  # the tokenizer kept alive: its id stays its own
+        return grammar
 
     @property
     def start(self) -> State:
@@ -655,10 +923,13 @@ class TokenGrammar:
         (``budget - 1 >= finish_cost(state) + fast_margin``) it is the unconstrained mask itself.
         """
         key = (state.local, self._key_ids[state.mcus])
-        mask = self._masks.get(key)
+        mask, walked = self._masks.get(key), None
         if mask is None:
-            mask = self._masks[key] = self._build_mask(state)
-        if budget is None:
+            if len(self._masks) >= self._mask_limit:
+                self._masks.clear()
+            walked = self._walk(state)
+            mask = self._masks[key] = self._build_mask(state, walked)
+        if budget is None or self._ample(state, budget):
             return mask
         cost = self.finish_cost(state)
         if cost > budget:
@@ -670,7 +941,7 @@ class TokenGrammar:
         margin = self.fast_margin
         if cost == 0 or (margin is not None and slack >= margin):
             return mask
-        return self._tight_mask(state, key, cost, slack, mask)
+        return self._tight_mask(state, key, cost, slack, mask, walked)
 
     @property
     def fast_margin(self) -> int | None:
@@ -694,28 +965,69 @@ class TokenGrammar:
         Raises:
             ValueError: some single byte is no piece.
         """
-        if len(self._bytes) < 256:
-            raise ValueError(f"finish_cost needs every single byte among the pieces; {256 - len(self._bytes)} lack")
-        return self.grammar.finish_bytes(state)
+        cost = self._cost
+        if cost is None:
+            if len(self._bytes) < 256:
+                raise ValueError(f"finish_cost needs every single byte among the pieces; {256 - len(self._bytes)} lack")
+            finisher = self.grammar._finisher()
+            cost, self._cost, self._bound = finisher.cost, finisher.cost, finisher.bound
+        return cost(state)
+
+    def _ample(self, state: State, budget: int) -> bool:
+        """Whether ``budget`` leaves the plain mask of ``state`` as it is (``budget - 1 >= finish_cost(state) +
+        fast_margin``), decided on an upper bound of :meth:`finish_cost` that takes no walk (``_Finisher.bound``)."""
+        margin = self._margin if self._margin is not _UNSEEN else self.fast_margin
+        if margin is None:
+            return False
+        if self._cost is None:
+            self.finish_cost(state)  # raises ValueError when some single byte is no piece
+        return budget - 1 - self._bound(state) >= margin
+
+    def allows(self, state: State, token_id: int, budget: int | None = None) -> bool:
+        """``allowed(state, budget)[token_id]``, without the mask: a walk of that id's bytes alone.
+
+        Some microseconds for a state never seen, where a mask takes a walk of the whole token trie: a sampler can
+        draw from all ids first and build the mask only when the draw is refused (see :class:`GrammarConstraint`).
+
+        Raises:
+            ValueError: as :meth:`allowed`, ``finish_cost(state) > budget``.
+        """
+        if state.local & 7 == DONE:
+            return token_id == self.eos_id
+        if budget is None or self._ample(state, budget):
+            return self.step(state, token_id) is not None
+        cost = self.finish_cost(state)
+        if cost > budget:
+            self.allowed(state, budget)  # raises, with its message
+        after = self.step(state, token_id)
+        margin = self._margin if self._margin is not _UNSEEN else self.fast_margin
+        return after is not None and (
+            (margin is not None and budget - 1 - cost >= margin) or self.finish_cost(after) <= budget - 1
+        )
 
     def step(self, state: State, token_id: int) -> State | None:
         """The state after the bytes of ``token_id``, or None if it may not follow ``state`` (memoized)."""
         key = (state.local, self._key_ids[state.mcus], token_id)
         moved = self._steps.get(key, _UNSEEN)
         if moved is _UNSEEN:
+            if len(self._steps) >= _MOVE_LIMIT:
+                self._steps.clear()
             piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else None
             after = None if piece is None else self.grammar.advance(state, piece)
             moved = self._steps[key] = None if after is None else (after.local, after.mcus - state.mcus)
         return None if moved is None else State(moved[0], state.mcus + moved[1])
 
     def _tight_mask(
-        self, state: State, key: tuple[int, int], cost: int, slack: int, mask: torch.Tensor
+        self, state: State, key: tuple[int, int], cost: int, slack: int, mask: torch.Tensor, walked: list | None
     ) -> torch.Tensor:
-        """``mask`` less the ids that raise :meth:`finish_cost` by more than ``slack`` (rises cached per key)."""
+        """``mask`` less the ids that raise :meth:`finish_cost` by more than ``slack`` (rises cached per key;
+        ``walked``: :meth:`_walk` of ``state`` when the caller has it)."""
         rises_key = key if self._rises_by_key else (*key, state.mcus)
         rises = self._rises.get(rises_key)
         if rises is None:
-            rises = self._rises[rises_key] = self._build_rises(state, cost)
+            if len(self._rises) >= self._mask_limit:
+                self._rises.clear()
+            rises = self._rises[rises_key] = self._build_rises(cost, self._walk(state) if walked is None else walked)
         ids, low, cuts = rises
         if slack < low:
             raise AssertionError(f"no id keeps {state} finishable: slack {slack}, cheapest rise {low}")
@@ -725,62 +1037,104 @@ class TokenGrammar:
         out[ids[: cuts[slack - low]]] = True
         return out
 
-    def _build_rises(self, state: State, cost: int) -> tuple[torch.Tensor, int, list[int]]:
-        """The allowed ids by how much each raises :meth:`finish_cost`: ``(ids, low, cuts)``, ids sorted by rise,
-        the lowest rise ``low``, and ``cuts[r - low]`` = how many ids rise by at most ``r``."""
-        grammar, ends = self.grammar, self._ends
-        pairs = sorted(
-            (grammar.finish_bytes(State(local, mcus)) - cost, token)
-            for node, local, mcus in self._walk(state)
-            for token in ends[node]
-        )
+    def _build_rises(self, cost: int, walked: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int, list[int]]:
+        """The allowed ids (the walk ``walked`` of a state of finish cost ``cost``) by how much each raises
+        :meth:`finish_cost`: ``(ids, low, cuts)``, ids sorted by rise, the lowest rise ``low``, and ``cuts[r - low]``
+        = how many ids rise by at most ``r``."""
+        self.finish_cost(self.start)  # raises ValueError when some single byte is no piece
+        finisher, ends = self.grammar._finisher(), self._ends
+        memo, left, tail, interval = finisher._memo, finisher.left, finisher.tail, finisher._interval
+        rises = []
+        for node, local, mcus in walked:
+            tokens = ends[node]
+            if not tokens:  # inside longer pieces only
+                continue
+            if local & 7 == DATA:  # finisher.cost(state), inlined: some 30000 calls per tight image
+                n = left[mcus]
+                done = memo.get((local, n))
+                rise = (interval(local, n) if done is None else done) + tail[mcus + n] - cost
+            else:
+                rise = finisher.cost(State(local, mcus)) - cost
+            for token in tokens:
+                rises.append((rise, token))
+        pairs = sorted(rises)
         low = pairs[0][0]
         cuts = [0] * (pairs[-1][0] - low + 1)
         for rise, _ in pairs:
             cuts[rise - low] += 1
         for i in range(1, len(cuts)):
             cuts[i] += cuts[i - 1]
-        return torch.tensor([token for _, token in pairs], dtype=torch.long), low, cuts
+        return torch.from_numpy(np.array([token for _, token in pairs], dtype=np.int64)), low, cuts
 
-    def _build_mask(self, state: State) -> torch.Tensor:
-        """The mask of ``state``: the ids whose piece ends at a trie node :meth:`_walk` reaches."""
+    def _build_mask(self, state: State, walked: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The mask of ``state``: the ids whose piece ends at a trie node its walk ``walked`` reaches."""
         ends = self._ends
-        allowed = [self.eos_id] if self.grammar.finished(state) else []
-        for node, _, _ in self._walk(state):
-            allowed += ends[node]
-        mask = torch.zeros(self.num_ids, dtype=torch.bool)
-        if allowed:
-            mask[torch.tensor(allowed)] = True
-        return mask
+        flags = bytearray(self.num_ids)  # (torch.tensor of a list of ids is 10x slower)
+        if self.grammar.finished(state):
+            flags[self.eos_id] = 1
+        for node, _, _ in walked:
+            for token in ends[node]:
+                flags[token] = 1
+        return torch.frombuffer(flags, dtype=torch.bool)
 
     def _walk(self, state: State) -> list[tuple[int, int, int]]:
         """``(node, local, mcus)`` for every piece-trie node whose bytes may follow ``state``, and the state after
-        them: a depth-first walk of the trie that drops a branch at its first bad byte."""
-        grammar = self.grammar
-        contexts, rows, by_ctx, edges = grammar._ctx, grammar._rows, grammar._by_ctx, self._edges
-        reached = []
+        them: a depth-first walk of the trie that drops a branch at its first bad byte. A node with many edges
+        reads the byte row of its state in bulk; single-child chains are followed in place, byte by byte."""
+        grammar, edges = self.grammar, self._edges
+        rows, make_row, moves, byte_move, ctx_move = (
+            grammar._rows,
+            grammar._row,
+            grammar._moves,
+            grammar._byte_move,
+            grammar._ctx_move,
+        )
+        reached: list[tuple[int, int, int]] = []
         stack = [(0, state.local, state.mcus)]
         while stack:
             node, local, mcus = stack.pop()
-            row = rows.get(local)
-            if row is None:
-                row = rows[local] = [_UNSEEN] * 256
-            for byte, child in edges[node]:
-                moved = row[byte]
-                if moved is _UNSEEN:
-                    moved = row[byte] = grammar._step_byte(local, None, byte)
-                if moved is _CTX:
-                    key = (local, contexts[mcus], byte)
-                    moved = by_ctx.get(key, _UNSEEN)
-                    if moved is _UNSEEN:
-                        moved = by_ctx[key] = grammar._step_byte(local, key[1], byte)
-                if moved is None:
-                    continue
-                after = (child, moved[0], mcus + moved[1])
-                reached.append(after)
-                if edges[child]:
-                    stack.append(after)
+            out = edges[node]
+            if len(out) > 8:
+                self._bulk(node, rows.get(local) or make_row(local), local, mcus, reached, stack)
+                continue
+            for byte, child in out:
+                at, count = local, mcus
+                while True:
+                    moved = moves.get(at << 8 | byte)
+                    if moved is None:
+                        moved = byte_move(at, byte)
+                    if moved >= 0:
+                        at = moved
+                    elif moved == _NO:
+                        break
+                    else:  # the byte finishes an MCU: its move reads the context
+                        after = ctx_move(at, count, byte)
+                        if after is None:
+                            break
+                        at, count = after
+                    reached.append((child, at, count))
+                    if len(edges[child]) != 1:
+                        if edges[child]:
+                            stack.append((child, at, count))
+                        break
+                    ((byte, child),) = edges[child]
         return reached
+
+    def _bulk(self, node: int, row: list[int], local: int, mcus: int, reached: list, stack: list) -> None:
+        """The moves of trie node ``node``'s edges from ``(local, mcus)``, whose byte row is ``row``: onto
+        ``reached``, and those of children with children onto ``stack`` (see :meth:`_walk`)."""
+        labels, children, ctx_move = self._labels[node], self._children[node], self.grammar._ctx_move
+        moves = map(row.__getitem__, labels)
+        got = [(child, moved, mcus) for child, moved in zip(children, moves, strict=True) if moved >= 0]
+        if _CTX in row:  # a byte that finishes an MCU: its move reads the context
+            for byte, child in self._edges[node]:
+                if row[byte] == _CTX:
+                    after = ctx_move(local, mcus, byte)
+                    if after is not None:
+                        got.append((child, *after))
+        reached += got
+        inner = self._inner
+        stack += [after for after in got if inner[after[0]]]
 
 
 # ---------------------------------------------------------------------- helpers

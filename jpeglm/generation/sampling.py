@@ -50,6 +50,7 @@ from jpeglm.generation import decode
 from jpeglm.tokenizer import BOS_ID, EOS_ID, NUM_SPECIAL, CodecTokenizer
 
 _PREFILL_CHUNK = 1024  # positions per forward when filling the KV cache with the prompts
+_LAZY_DRAWS = 8  # draws a row tries under a constraint that answers id by id, before its mask
 
 Stop = Callable[[list[int]], int | None]
 """Called with a sequence (prompt + ids generated so far) after each generated id: a length to cut it to
@@ -204,15 +205,58 @@ class _Sampler:
         remaining: list[int],
         reading: list[bool],
     ) -> torch.Tensor:
+        scratch = torch.Generator(device=logits.device)
+        generators = [scratch if busy else self.generators[i] for i, busy in zip(prompts, reading, strict=True)]
+        lazy = self.temperature == 0 or (self.top_k is None and self.top_p == 1.0)
+        if lazy and callable(getattr(self.allowed, "allows", None)):
+            return self._draw_lazily(logits, sequences, remaining, reading, generators)
         if callable(self.allowed):
             allowed = self.allowed(sequences, remaining).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
         elif self.allowed is not None:
             allowed = self.allowed if self.allowed.dim() == 1 else self.allowed[prompts]
             logits = logits.masked_fill(~allowed, float("-inf"))
-        scratch = torch.Generator(device=logits.device)
-        generators = [scratch if busy else self.generators[i] for i, busy in zip(prompts, reading, strict=True)]
         return sample_logits(logits, self.temperature, self.top_k, self.top_p, generators)  # (A,)
+
+    def _draw_lazily(
+        self,
+        logits: torch.Tensor,
+        sequences: list[list[int]],
+        remaining: list[int],
+        reading: list[bool],
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """Draw from all ids, asking the constraint about the drawn id alone (``allowed.allows``, far cheaper than
+        its masks); a row whose draw is refused tries up to :data:`_LAZY_DRAWS` draws in all, then draws under its
+        mask. Exact: ``t`` drawn from ``p`` (softmax of the logits over ``temperature``), kept if allowed, else
+        drawn again the same way (k times), else drawn from ``p`` on the allowed set ``A``, has the law
+        ``p(t) (1 + q + ... + q^(k-1)) + q^k p(t) / p(A) = p(t) / p(A)`` (``q = 1 - p(A)``) of a draw under the
+        mask; greedy: the argmax, if allowed, is the allowed argmax. Without top-k and top-p only (theirs depend on
+        the whole allowed set)."""
+        if self.temperature == 0:
+            tries = logits.argmax(dim=-1, keepdim=True)  # (A, 1)
+        else:
+            probs = (logits.float() / self.temperature).softmax(dim=-1)  # (A, V)
+            pairs = zip(probs, generators, strict=True)
+            tries = torch.stack([torch.multinomial(p, _LAZY_DRAWS, replacement=True, generator=g) for p, g in pairs])
+        drawn = tries.tolist()
+        ids = [row[0] for row in drawn]
+        rows = [r for r, busy in enumerate(reading) if not busy]  # rows reading their prompt keep no draw
+        for k in range(tries.shape[1]):
+            fine = self.allowed.allows(
+                [sequences[r] for r in rows], [remaining[r] for r in rows], [drawn[r][k] for r in rows]
+            )
+            for r, ok in zip(rows, fine, strict=True):
+                ids[r] = drawn[r][k] if ok else ids[r]
+            rows = [r for r, ok in zip(rows, fine, strict=True) if not ok]
+            if not rows:
+                break
+        out = torch.tensor(ids, device=logits.device)  # (A,)
+        if rows:
+            allowed = self.allowed([sequences[r] for r in rows], [remaining[r] for r in rows]).to(logits.device)
+            masked = logits[rows].masked_fill(~allowed, float("-inf"))
+            out[rows] = sample_logits(masked, self.temperature, None, 1.0, [generators[r] for r in rows])
+        return out
 
 
 # ---------------------------------------------------------------------- generate
@@ -659,7 +703,9 @@ class GrammarConstraint:
     Each sequence's grammar state is kept between steps (by the identity of its growing list, as
     :class:`CodecStop` does) and moved by its new ids only; the mask of a state is the grammar's (cached there),
     restricted so that the stream can still end within the ids the sequence may still draw. Make one per
-    :func:`generate` call.
+    :func:`generate` call. :meth:`allows` answers for one drawn id per sequence without the masks, so that
+    sampling without top-k and top-p draws first and builds a mask only for refused rows (exact, see
+    ``_Sampler._draw_lazily``).
 
     Args:
         grammar: a token grammar (``start``, ``step``, ``allowed(state, budget)``), e.g.
@@ -675,6 +721,15 @@ class GrammarConstraint:
     def __call__(self, sequences: list[list[int]], remaining: list[int]) -> torch.Tensor:
         pairs = zip(sequences, remaining, strict=True)
         return torch.stack([self.grammar.allowed(self.state(ids), budget) for ids, budget in pairs])  # (A, vocab_size)
+
+    def allows(self, sequences: list[list[int]], remaining: list[int], ids: list[int]) -> list[bool]:
+        """Whether each sequence may draw its id: those entries of :meth:`__call__`'s mask, without the masks
+        when the grammar answers id by id (``allows(state, id, budget)``)."""
+        check = getattr(self.grammar, "allows", None)
+        if check is None:
+            return self(sequences, remaining)[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+        triples = zip(sequences, remaining, ids, strict=True)
+        return [check(self.state(sequence), token, budget) for sequence, budget, token in triples]
 
     def state(self, ids: list[int]) -> Any:
         """The grammar state after the stream bytes of ``ids`` (walking only the ids added since the last call)."""

@@ -19,7 +19,8 @@ from media import PHOTOS
 from PIL import Image, ImageOps
 
 from jpeglm.codecs import JpegCodec
-from jpeglm.codecs.grammar import JpegGrammar, State, TokenGrammar
+from jpeglm.codecs.grammar import _CTX, _NO, JpegGrammar, State, TokenGrammar
+from jpeglm.generation.sampling import GrammarConstraint, _Sampler
 from jpeglm.tokenizer import EOS_ID, NUM_SPECIAL
 
 RST = re.compile(rb"\xff[\xd0-\xd7]")
@@ -487,3 +488,154 @@ def test_a_budget_too_small_is_refused(jpeg_tokenizer):
     no_ff = [None] * NUM_SPECIAL + [bytes([b]) for b in range(255)]
     with pytest.raises(ValueError, match="every single byte"):
         TokenGrammar(grammar, no_ff, EOS_ID, 300).finish_cost(grammar.start)
+
+
+# ---------------------------------------------------------------------- the table-driven fast paths
+
+
+def reference_advance(grammar: JpegGrammar, state: State, data: bytes) -> State | None:
+    """``advance`` by the bit-by-bit reference decoder (``_step_byte`` with the context, one byte at a time)."""
+    local, mcus = state
+    for byte in data:
+        moved = grammar._step_byte(local, grammar._ctx[mcus], byte)
+        if moved is None:
+            return None
+        local, mcus = moved[0], mcus + moved[1]
+    return State(local, mcus)
+
+
+def reference_mask(tokens: TokenGrammar, state: State) -> list[int]:
+    """The allowed ids of ``state`` by the reference decoder, one piece at a time (no trie, no tables, no cache)."""
+    if tokens.grammar.finished(state):
+        return [tokens.eos_id]
+    return [i for i, p in enumerate(tokens.pieces) if p and reference_advance(tokens.grammar, state, p) is not None]
+
+
+def assorted_states(tokens: TokenGrammar, rng: random.Random, count: int) -> list[State]:
+    """States of every kind: prefixes of real streams (header, data, stuffing, markers, the end) and of uniform
+    walks under the masks (data no photo has: long runs, coefficients near 63, every Huffman code)."""
+    grammar = tokens.grammar
+    states = [s for _ in range(2) for s in walk(tokens, rng)[1]]
+    budget = tokens.finish_cost(grammar.start) + 3
+    states += [s for s, _ in budget_walk(tokens, rng, budget)[1]]
+    for stream in streams_for(tokens.grammar.codec, 2):
+        state = grammar.start
+        for offset, byte in enumerate(stream):
+            if offset % 7 == 0 or byte in (0x00, 0xFF) or offset > len(stream) - 6:
+                states.append(state)
+            state = grammar.advance(state, bytes([byte]))
+        states.append(state)
+    return rng.sample(states, min(count, len(states)))
+
+
+@pytest.mark.parametrize("name", ["64", "64-r3", "64-444-r16", "64-422-r4"])
+def test_table_driven_moves_equal_the_bit_by_bit_reference(jpeg_tokenizer, name):
+    """Every byte from every kind of state: the move tables (bit pairs, nibble rows, byte rows, single moves, moves
+    in a context) give what the reference decoder gives, on fresh grammars (rows and moves not yet built)."""
+    codec, _ = grammar_for(name)
+    tokens = TokenGrammar.for_tokenizer(codec, jpeg_tokenizer)
+    rng = random.Random(name)
+    states = assorted_states(tokens, rng, 120)
+    contexts = sorted(set(tokens.grammar._ctx) | {(n, 0xD0 + n % 8) for n in range(1, 9)})
+    for grammar in (JpegGrammar(codec), JpegGrammar(codec)):
+        for state in states:
+            row = grammar._row(state.local) if rng.random() < 0.5 else None
+            for byte in range(256):
+                expected = grammar._step_byte(state.local, None, byte)  # (local, 0), None or _CTX
+                expected = _NO if expected is None else expected if expected == _CTX else expected[0]
+                assert grammar._byte_move(state.local, byte) == expected, (grammar.unpack(state), byte)
+                assert row is None or row[byte] == expected, (grammar.unpack(state), byte)
+                if expected == _CTX:
+                    for ctx in contexts:
+                        assert grammar._ctx_byte(state.local, ctx, byte) == grammar._step_byte(state.local, ctx, byte)
+
+
+@pytest.mark.parametrize("name", ["64", "64-444-r16", "64-422-r4"])
+def test_the_bulk_bit_tables_equal_their_one_state_definitions(name):
+    """Every bit move and cheapest bit built in bulk (once per block layout) is what one state's computation gives."""
+    codec, grammar = grammar_for(name)
+    finisher = grammar._finisher()
+    assert len(grammar._pairs) > 25_000
+    assert len(finisher._choices) > 25_000
+    for bits, pair in grammar._pairs.items():
+        fields = grammar._unpack(bits)[1:5]
+        assert pair == (grammar._bit(*fields, 0), grammar._bit(*fields, 1)), fields
+        assert bits not in finisher._choices or finisher._choices[bits] == finisher._bit(*fields)[0], fields
+    assert JpegGrammar(codec)._pairs is grammar._pairs  # shared by grammars of the same layout
+
+
+@pytest.mark.parametrize(("pieces", "name"), [("tokenizer", "64"), ("crossing", "64"), ("crossing", "64-r3")])
+def test_masks_and_single_id_checks_equal_the_reference(jpeg_tokenizer, pieces, name):
+    """The trie walk's masks equal the reference decoder's, piece by piece, from a fresh grammar; ``allows`` (one id,
+    no mask) equals the mask's entry for every id, with no budget and with budgets from the tightest to ample."""
+    codec, grammar = grammar_for(name)
+    rng = random.Random(pieces + name)
+    if pieces == "tokenizer":
+        tokens = TokenGrammar.for_tokenizer(codec, jpeg_tokenizer)
+    else:
+        tokens = TokenGrammar(grammar, _marker_crossing_pieces(streams_for(codec), rng), EOS_ID, 600)
+    states = assorted_states(tokens, rng, 60)
+    fresh = TokenGrammar(JpegGrammar(codec), tokens.pieces, EOS_ID, tokens.num_ids)
+    margin = fresh.fast_margin
+    for state in states:
+        assert torch.nonzero(fresh.allowed(state)).flatten().tolist() == sorted(reference_mask(fresh, state))
+        cost = fresh.finish_cost(state)
+        for budget in (None, cost, cost + 1, cost + margin, cost + margin + 1, cost + 40):
+            mask = fresh.allowed(state, budget).tolist()
+            checks = [fresh.allows(state, token, budget) for token in range(fresh.num_ids)]
+            assert checks == mask, (grammar.unpack(state), budget)
+    with pytest.raises(ValueError, match="cannot be finished"):
+        fresh.allows(grammar.start, 100, fresh.finish_cost(grammar.start) - 1)
+
+
+@pytest.mark.parametrize("name", ["64", "64-444-r16", "256"])
+def test_the_finish_bound_is_an_upper_bound(jpeg_tokenizer, name):
+    """The walk-free bound that lets an ample budget skip finish_cost is never below it (no restart markers at 256)."""
+    codec, _ = grammar_for(name)
+    tokens = TokenGrammar.for_tokenizer(codec, jpeg_tokenizer)
+    finisher = tokens.grammar._finisher()
+    states = assorted_states(tokens, random.Random(name), 400) if codec.size == 64 else []
+    stream = streams_for(codec, 1)[0]
+    states += [tokens.grammar.check_prefix(stream[:cut]) for cut in range(0, len(stream), 97)]
+    for state in states:
+        assert finisher.bound(state) >= finisher.cost(state), tokens.grammar.unpack(state)
+
+
+def _sampler(tokens: TokenGrammar, temperature: float, rows: int, seed: int) -> tuple[_Sampler, list[torch.Generator]]:
+    generators = [torch.Generator().manual_seed(seed + r) for r in range(rows)]
+    return _Sampler(temperature, None, 1.0, generators, tokens.num_ids, GrammarConstraint(tokens, skip=0)), generators
+
+
+def test_lazy_draws_follow_the_masked_distribution_exactly(jpeg_tokenizer):
+    """Draws that ask the grammar about the drawn id alone (and build a mask only after refusals) have the law of
+    draws under the mask: here the refused ids hold 98% of the mass, so most rows exhaust their tries and draw
+    under the mask, others keep a later try. Greedy is the masked argmax; seeds reproduce the ids."""
+    codec, grammar = grammar_for("64")
+    tokens = TokenGrammar.for_tokenizer(codec, jpeg_tokenizer)
+    ids = jpeg_tokenizer.encode(streams_for(codec, 1)[0])
+    prefix = ids[: len(ids) // 2]
+    state = grammar.start
+    for token in prefix:
+        state = tokens.step(state, token)
+    allowed = torch.nonzero(tokens.allowed(state)).flatten().tolist()
+    refused = [t for t in range(NUM_SPECIAL, tokens.num_ids) if t not in allowed]
+    assert len(allowed) > 5, grammar.expected(state)
+    assert len(refused) > 5, grammar.expected(state)
+    logits = torch.full((tokens.num_ids,), float("-inf"))
+    favoured = allowed[:4]
+    logits[favoured] = torch.tensor([1.0, 0.0, -0.5, -1.0])
+    logits[refused[:12]] = 3.0
+    rows = 3000
+    sampler, _ = _sampler(tokens, 1.0, rows, seed=0)
+    sequences = [list(prefix) for _ in range(rows)]
+    drawn = sampler(logits.expand(rows, -1).clone(), list(range(rows)), sequences, [10**6] * rows).tolist()
+    expected = torch.softmax(logits[favoured], dim=0).tolist()
+    assert set(drawn) <= set(favoured)
+    for token, p in zip(favoured, expected, strict=True):
+        assert abs(drawn.count(token) / rows - p) < 4.5 * (p * (1 - p) / rows) ** 0.5 + 1e-3, (token, p)
+    again, _ = _sampler(tokens, 1.0, rows, seed=0)
+    assert again(logits.expand(rows, -1).clone(), list(range(rows)), sequences, [10**6] * rows).tolist() == drawn
+    noise = torch.randn(8, tokens.num_ids, generator=torch.Generator().manual_seed(1)) * 3
+    greedy, _ = _sampler(tokens, 0.0, 8, seed=0)
+    picks = greedy(noise, list(range(8)), [list(prefix) for _ in range(8)], [10**6] * 8)
+    assert picks.tolist() == noise.masked_fill(~tokens.allowed(state), float("-inf")).argmax(dim=-1).tolist()
