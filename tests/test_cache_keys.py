@@ -36,7 +36,7 @@ def test_synthetic_cache_directory_changes_with_the_jpeg_default(tmp_path, monke
 
 def fingerprint(photos, tmp_path, codec_options=None) -> str:
     job = prepare_module._make_job(
-        "jpeg", [str(p) for p in photos], tmp_path / "out", None, None, SETTINGS, codec_options, None
+        "jpeg", [str(p) for p in photos], tmp_path / "out", None, None, SETTINGS, codec_options, None, False
     )
     return job.fingerprint
 

@@ -220,8 +220,8 @@ def test_every_command_line_of_the_readme_parses(calls):
         assert main(argv) == 0, argv
     caption, generate, unconditional, _released = recorded["generate"]
     assert (caption["prompt_text"], caption["cfg_scale"], caption["num_samples"]) == (
-        ["a red circle at the top left on a plain teal background"], 3.0, 4)  # fmt: skip
-    assert recorded["evaluate-captions"][0]["cfg_scales"] == [1.0, 3.0]
+        ["a red circle at the top left on a plain teal background"], 2.0, 4)  # fmt: skip
+    assert recorded["evaluate-captions"][0]["cfg_scales"] == [1.0, 1.5, 2.0]
     assert generate["prompt_images"] == ["photos/"]
     assert (generate["ratio"], generate["num_samples"], generate["top_k"], generate["top_p"]) == (0.5, 8, 40, 0.9)
     assert (unconditional["unconditional"], unconditional["prompt_images"]) == (True, None)

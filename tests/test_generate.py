@@ -116,8 +116,14 @@ def test_generate_skips_prompts_too_long_for_the_context(checkpoint, photos, tmp
 
 
 def test_generate_refuses_mistakes(checkpoint, photos, tmp_path):
-    for kwargs in ({}, {"prompt_images": [str(photos[0])], "unconditional": True}):
-        with pytest.raises(UserError, match="exactly one of them"):  # before the checkpoint is read
+    mistakes = {
+        "give prompt images to complete": {},
+        "--unconditional samples from nothing": {"prompt_images": [str(photos[0])], "unconditional": True},
+        "without prompt images or captions": {"prompt_text": ["a red circle"], "unconditional": True},
+        "is not a file": {"prompt_file": str(tmp_path / "missing.txt")},
+    }
+    for message, kwargs in mistakes.items():
+        with pytest.raises(UserError, match=message):  # before the checkpoint is read
             generate_samples("/no/such.ckpt", str(tmp_path / "o"), **kwargs)
     other = CodecTokenizer.train([p.read_bytes() for p in photos], "jpeg", 280)
     other.codec_spec = JpegCodec(size=64).spec
