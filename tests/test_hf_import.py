@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from ranks import wait_for_ranks
 
 from jpeglm.checkpoints import load_checkpoint, load_model, open_checkpoint
 from jpeglm.cli import main
@@ -270,13 +271,7 @@ def run_ranks(argv: list[str], world: int, timeout: int = 240) -> None:
                 text=True,
             )
         )
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, output in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, output[-6000:]
+    wait_for_ranks(processes, timeout)
 
 
 def test_import_refuses_what_is_not_the_release(released, tmp_path):

@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 from litgpt import GPT
+from ranks import wait_for_ranks
 
 import jpeglm.model
 from jpeglm.errors import UserError
@@ -185,13 +186,7 @@ def launch(scenario: str, world: int, out: Path, timeout: int = 240) -> dict:
         processes.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for p, output in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, output[-6000:]
+    wait_for_ranks(processes, timeout)
     return json.loads((out / f"{scenario}.json").read_text())
 
 
