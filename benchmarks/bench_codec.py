@@ -15,13 +15,13 @@ throughput (batch and per-item loop). Each timing is the best of --repeats runs,
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pillow_floor import floor
 
 from jpeglm.codecs import JpegCodec
 from jpeglm.tokenizer import CodecTokenizer
@@ -46,19 +46,6 @@ def make_sources(directory: Path, count: int, seed: int = 0) -> list[Path]:
         crop.resize(size, Image.LANCZOS).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-def floor(paths: list[Path]) -> list[bytes]:
-    out = []
-    for path in paths:
-        im = Image.open(path).convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=25, subsampling="4:2:0", streamtype=2, restart_marker_blocks=1)
-        out.append(buf.getvalue())
-    return out
 
 
 def ours(codec: JpegCodec, tokenizer: CodecTokenizer, paths: list[Path]) -> list[list[int]]:

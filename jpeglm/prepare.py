@@ -5,11 +5,15 @@ written with litdata's ``BinaryWriter`` in the layout ``litdata.TokensLoader`` r
 writer; the format and its reader (:func:`read_dataset`, re-exported here) live in jpeglm/shards.py.
 
 Why not ``litdata.optimize``: a job of a million inputs must survive ``kill -9`` with no duplicate and
-no gap, and must report every skipped input with its reason in one place. Here the inputs are cut
-into fixed *parts*; workers encode and tokenize, the main process writes each part into a temporary
-directory and renames it into place when the part is whole. A re-run with the same arguments skips
-whole parts and redoes the one that was cut short; at the end the parts' chunk files are *moved*
-(not copied, unlike ``litdata.merge_datasets``) into ``train/`` and ``val/`` under one index.
+no gap, must report every skipped input with its reason in one place, and must split across nodes that share
+nothing but the output. Here the inputs are cut into fixed *parts*; workers encode and tokenize, the main
+process writes each part into a local temporary directory, then publishes it through a
+:class:`jpeglm.storage.Store` (the output directory or an ``s3://`` prefix): its chunks under their final names,
+then one record ``.prepare/parts/part-P.json`` that marks the part done. A re-run with the same arguments skips
+parts with a record and redoes the one that was cut short. Node ``i`` of ``N`` (``--num-nodes``,
+``--node-rank``, or SLURM's variables) writes parts ``i, i + N, ...``; the node that finds every record present
+merges them: one litdata index per split (the records' chunk lists in part order), the report, ``dataset.json``
+last. docs/architecture.md ("The shard format") has the whole protocol.
 
 The train/val split hashes each input's stable key (its path relative to the input directory, see
 jpeglm/inputs.py), so re-running never moves an item between splits. A tokenizer trained here (no
@@ -37,6 +41,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from collections import Counter
@@ -63,6 +68,7 @@ from jpeglm.inputs import (
     read_caption,
 )
 from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
+from jpeglm.storage import LocalStore, Store, open_store
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, CodecTokenizer
 from jpeglm.train_tokenizer import ModalityName, TrainReport, make_codec, train_on_inputs
 
@@ -100,7 +106,8 @@ class _Job:
     modality: str
     items: list[InputItem]
     wrong_extension: list[Path]  # files of other types: skipped, with the reason WRONG_EXTENSION
-    output: Path
+    store: Store  # where the dataset is written: the output directory or s3 prefix
+    work: Path  # this machine's work area: OUT/.prepare for a local output, a cache directory for s3
     val_fraction: float
     part_size: int
     chunk_bytes: int
@@ -109,24 +116,36 @@ class _Job:
     tokenizer_report: dict[str, Any] = field(default_factory=dict)  # prepare_report.json's "tokenizer"
     rejected: list[dict[str, str]] = field(default_factory=list)  # pairs a captioned search could not make
     captions: _Captions | None = None  # a captioned job's settings
+    node: int = 0  # this node's share: the parts p with p % num_nodes == node
+    num_nodes: int = 1
 
     @property
-    def work(self) -> Path:
-        return self.output / WORK_DIR
+    def output(self) -> str:
+        return self.store.url
 
     @property
     def num_parts(self) -> int:
         return -(-len(self.items) // self.part_size)
 
-    def part_dir(self, part: int) -> Path:
-        return self.work / "parts" / f"part-{part:06d}"
+    @property
+    def share(self) -> list[int]:
+        """The parts this node writes."""
+        return list(range(self.node, self.num_parts, self.num_nodes))
 
     def part_items(self, part: int) -> list[InputItem]:
         return self.items[part * self.part_size : (part + 1) * self.part_size]
 
+    def local(self, key: str) -> Path:
+        """Where ``key`` of the output is on this machine: in the output directory, or a copy in the work area."""
+        return self.store.path(key) if isinstance(self.store, LocalStore) else self.work / "output" / key
+
     def num_ids(self, tok: CodecTokenizer) -> int:
         """Ids of the stored samples: the tokenizer's, plus the caption tokenizer's BPE ids when captioned."""
         return tok.num_ids + (self.captions.tokenizer.num_ids - NUM_SPECIAL if self.captions else 0)
+
+
+def _part_key(part: int) -> str:
+    return f"{WORK_DIR}/parts/part-{part:06d}.json"
 
 
 def prepare(
@@ -147,19 +166,20 @@ def prepare(
     caption_tokenizer: str | Path | None = None,
     caption_vocab_size: int = 512,
     max_caption_tokens: int = 64,
+    num_nodes: int | None = None,
+    node_rank: int | None = None,
 ) -> dict[str, Any]:
     """Prepare inputs into token shards in ``output`` (see the module docstring); returns the report.
 
     Args:
         modality: what the inputs are: images (jpeg), videos (avc) or text.
-        inputs: directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards;
-            for text: .txt files and .jsonl files (a "text" field per line).
-        output: the dataset directory to write (run the same command again to finish a killed job).
-        tokenizer: a tokenizer directory (`jpeglm tokenizer train`); none: one is trained first, on a sample of
-            the inputs of the training split.
-        vocab_size: BPE symbols of the tokenizer trained here, including the 256 bytes (none: 320 for jpeg, 1024
-            for avc, 32000 for text); fewer when the training split has too few repeated byte pairs (a warning
-            and prepare_report.json say so). Not with --tokenizer.
+        inputs: directories (recursive), globs, files, list files (.lst/.list; .txt for media), .tar shards; text:
+            .txt and .jsonl (a "text" field per line).
+        output: the dataset directory or ``s3://bucket/prefix`` to write (run the same command again to finish
+            a killed job); s3 settings come from the AWS environment variables (jpeglm/storage.py).
+        tokenizer: a tokenizer directory (`jpeglm tokenizer train`; none: one is trained on the training split).
+        vocab_size: BPE symbols of the tokenizer trained here, with the 256 bytes (none: 320 jpeg, 1024 avc, 32000
+            text; fewer when the training split has too few repeated byte pairs). Not with --tokenizer.
         val_fraction: share of inputs in the validation split, decided by a hash of each input's path.
         num_workers: processes that encode and tokenize (none: all cores).
         max_items: use only the first N inputs found (none: all).
@@ -167,27 +187,46 @@ def prepare(
         part_size: inputs per part, the unit of work a killed job redoes.
         chunk_bytes: size of each litdata chunk file, in bytes.
         progress: show progress bars.
-        codec_options: codec settings other than the paper's for the tokenizer trained here, e.g. {"size": 64}
-            (`--codec size=64`, repeatable); with a tokenizer, its codec spec decides.
-        captions: images with captions (jpeg only), each sample bos, text tag, caption, image tag, JPEG, eos:
-            from .tar shards (key.jpg with key.txt, or key.json's "caption"), folders (photo.jpg beside photo.txt
-            or photo.json) or .jsonl manifests of {"image": path, "caption": text} lines.
-        caption_tokenizer: a text tokenizer directory for the captions (none: one is trained on the captions of
-            the training split). Only with --captions.
+        codec_options: codec settings other than the paper's, e.g. {"size": 64} (`--codec size=64`); not with
+            --tokenizer (its codec spec decides).
+        captions: captioned images (jpeg only): .tar shards (key.jpg with key.txt or key.json's "caption"), folders
+            (photo.jpg beside photo.txt or .json) or .jsonl manifests of {"image": path, "caption": text}.
+        caption_tokenizer: a text tokenizer for the captions (none: one is trained on the training split's).
         caption_vocab_size: BPE symbols of the caption tokenizer trained here, including the 256 bytes.
         max_caption_tokens: longer captions are cut to this many tokens (and counted: caption_truncated).
+        num_nodes: machines writing the output together, each its share (none: from SLURM, see node_share).
+        node_rank: this machine's share, 0 .. num_nodes - 1 (none: from SLURM).
 
     Raises:
-        UserError: bad arguments, missing inputs, nothing to read, an output directory that holds something
-            else, or no input could be written (InputError is a UserError).
+        UserError: bad arguments, missing inputs, nothing to read, an output that holds something else, or no
+            input could be written (InputError is a UserError).
         CodecError: a tokenizer whose codec this installation cannot honour.
     """
-    start = time.perf_counter()
-    given = _check_arguments(modality, tokenizer, vocab_size, val_fraction, codec_options)
+    start, given = time.perf_counter(), _check_arguments(modality, tokenizer, vocab_size, val_fraction, codec_options)
     captioned = _check_captions(modality, captions, caption_tokenizer, caption_vocab_size, max_caption_tokens)
     settings = {"val_fraction": val_fraction, "seed": seed, "part_size": part_size, "chunk_bytes": chunk_bytes}
     job = _make_job(modality, inputs, output, given, max_items, settings, codec_options, vocab_size, captioned)
+    job.node, job.num_nodes = node_share(num_nodes, node_rank)
     return _run_job(job, given, num_workers, progress, codec_options, start)
+
+
+def node_share(num_nodes: int | None, node_rank: int | None) -> tuple[int, int]:
+    """``(node_rank, num_nodes)`` as given, else from SLURM: an array job's index among its tasks
+    (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else a job step's task
+    (``SLURM_PROCID`` of ``SLURM_NTASKS``), else one node."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_COUNT" in env:
+        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        found = (task, int(env["SLURM_ARRAY_TASK_COUNT"]))
+    elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        found = (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]))
+    else:
+        found = (0, 1)
+    count = found[1] if num_nodes is None else num_nodes
+    rank = found[0] if node_rank is None else node_rank
+    if count < 1 or not 0 <= rank < count:
+        raise UserError(f"node_rank must be in [0, num_nodes) and num_nodes >= 1, got node {rank} of {count}")
+    return rank, count
 
 
 def _run_job(job: _Job, given, num_workers, progress, codec_options, start: float) -> dict[str, Any]:
@@ -200,7 +239,12 @@ def _run_job(job: _Job, given, num_workers, progress, codec_options, start: floa
         if job.captions is not None:
             _caption_tokenizer(job, tok, progress)
         counts = _run_parts(job, tok, num_workers or os.cpu_count() or 1, progress)
-        return _finish(job, tok, codec, counts, time.perf_counter() - start)
+        _node_record(job, counts, time.perf_counter() - start)
+        if (done := _already_done(job, quiet=True)) is not None:  # another node merged meanwhile
+            return done
+        if missing := job.num_parts - len(_done_parts(job)):  # other nodes' shares are not all written yet
+            return _unfinished(job, counts, missing)
+        return _finish(job, tok, codec)
 
 
 def _check_arguments(
@@ -270,11 +314,14 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
         },
         items,
     )
+    store = open_store(output)
+    work = store.path(WORK_DIR) if isinstance(store, LocalStore) else _remote_work(store.url)
     return _Job(
         modality,
         items,
         found.skipped,
-        Path(output),
+        store,
+        work,
         settings["val_fraction"],
         settings["part_size"],
         settings["chunk_bytes"],
@@ -283,6 +330,13 @@ def _make_job(modality, inputs, output, given, max_items, settings, codec_option
         rejected=found.rejected,
         captions=captioned,
     )
+
+
+def _remote_work(url: str) -> Path:
+    """This machine's work area for an output in object storage: under ``$JPEGLM_CACHE`` (else
+    ~/.cache/jpeglm), one directory per URL."""
+    root = Path(os.environ.get("JPEGLM_CACHE") or Path.home() / ".cache" / "jpeglm")
+    return root / "prepare" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _caption_settings(captioned: _Captions) -> dict[str, Any]:
@@ -313,61 +367,73 @@ def _fingerprint(settings: dict[str, Any], items: list[InputItem]) -> str:
 
 
 class _locked:
-    """Claim the output directory: one `jpeglm prepare` writes it at a time; refuse foreign contents."""
+    """Claim this node's share of the output: one `jpeglm prepare` per node and output at a time (a lock in the
+    work area); refuse an output that holds something else or another job's unfinished work."""
+
+    KNOWN = {WORK_DIR, "dataset.json", "train", "val", "tokenizer", "caption_tokenizer", "codec_spec.json"}
+    KNOWN |= {"prepare_report.json"}
 
     def __init__(self, job: _Job) -> None:
         self.job = job
 
     def __enter__(self) -> None:
         job = self.job
-        if job.output.exists() and not job.output.is_dir():
-            raise InputError(f"output {job.output} exists and is not a directory")
-        known = {WORK_DIR, "dataset.json", "train", "val", "tokenizer", "codec_spec.json", "prepare_report.json"}
-        known.add("caption_tokenizer")
-        if job.output.is_dir() and any(p.name not in known for p in job.output.iterdir()):
-            raise InputError(f"output directory {job.output} holds other files; give an empty or new directory")
+        _check_foreign(job)
         job.work.mkdir(parents=True, exist_ok=True)
-        self.lock = open(job.work / "lock", "w")  # noqa: SIM115 - held for the whole job
+        name = "lock" if job.num_nodes == 1 else f"lock-node-{job.node}"
+        self.lock = open(job.work / name, "w")  # noqa: SIM115 - held for the whole job
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise InputError(f"another `jpeglm prepare` is writing {job.output}") from e
-        state = job.work / "state.json"
-        if state.is_file() and json.loads(state.read_text())["fingerprint"] != job.fingerprint:
+            raise InputError(f"another `jpeglm prepare` is writing {job.output} (node {job.node})") from e
+        state = f"{WORK_DIR}/state.json"
+        if job.store.exists(state) and json.loads(job.store.read_text(state))["fingerprint"] != job.fingerprint:
             raise InputError(
                 f"{job.output} holds an unfinished `jpeglm prepare` with other inputs or arguments; "
                 "re-run it with the same ones, or use a new output directory"
             )
-        _write_json(state, {"fingerprint": job.fingerprint, "num_parts": job.num_parts})
+        _store_json(job.store, state, {"fingerprint": job.fingerprint, "num_parts": job.num_parts})
 
     def __exit__(self, *exc: object) -> None:
         self.lock.close()
-        if self.job.work.is_dir() and (self.job.output / "dataset.json").is_file():
-            shutil.rmtree(self.job.work, ignore_errors=True)  # finished: the work area is no longer needed
+        if self.job.store.exists("dataset.json"):  # finished: the work areas are no longer needed
+            self.job.store.delete(WORK_DIR)
+            shutil.rmtree(self.job.work, ignore_errors=True)
 
 
-def _already_done(job: _Job) -> dict[str, Any] | None:
-    meta = job.output / "dataset.json"
-    if not meta.is_file():
+def _check_foreign(job: _Job) -> None:
+    """Refuse an output that is a file, or a directory or prefix holding anything a prepared dataset does not."""
+    if isinstance(job.store, LocalStore):
+        root = job.store.root
+        if root.exists() and not root.is_dir():
+            raise InputError(f"output {job.output} exists and is not a directory")
+        names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    else:
+        names = {key.split("/", 1)[0] for key in job.store.list()}
+    if names - _locked.KNOWN:
+        raise InputError(f"output {job.output} holds other files; give an empty or new directory or prefix")
+
+
+def _already_done(job: _Job, quiet: bool = False) -> dict[str, Any] | None:
+    if not job.store.exists("dataset.json"):
         return None
-    if json.loads(meta.read_text()).get("fingerprint") != job.fingerprint:
+    if json.loads(job.store.read_text("dataset.json")).get("fingerprint") != job.fingerprint:
         raise InputError(
             f"{job.output} already holds a different prepared dataset; use a new output directory or delete it"
         )
-    print(f"{job.output} is already prepared with these inputs and arguments; nothing to do", file=sys.stderr)
-    return json.loads((job.output / "prepare_report.json").read_text())
+    if not quiet:
+        print(f"{job.output} is already prepared with these inputs and arguments; nothing to do", file=sys.stderr)
+    return json.loads(job.store.read_text("prepare_report.json"))
 
 
 def _tokenizer(job: _Job, given: CodecTokenizer | None, num_workers, progress, codec_options) -> CodecTokenizer:
     """The given tokenizer, or one trained on the training split's inputs (sets ``job.tokenizer_report``)."""
-    target, done = job.output / "tokenizer", job.work / "tokenizer.done"
     if given is not None:
-        given.save(target)
         job.tokenizer_report = {"trained_here": False, "vocab_size": given.vocab_size}
-        return given
-    if done.is_file():  # trained by the run that was interrupted (an empty file: by a version before the report)
-        job.tokenizer_report = json.loads(done.read_text() or "{}")
-        return CodecTokenizer.load(target)
+        return _publish_tokenizer(job, "tokenizer", given, job.tokenizer_report)
+    if (shared := _published_tokenizer(job, "tokenizer")) is not None:  # by a killed run or another node
+        job.tokenizer_report = shared[1]
+        return shared[0]
     train = [item for item in job.items if not _is_val(item.key, job.val_fraction)]
     if not train:
         raise UserError(
@@ -381,30 +447,55 @@ def _tokenizer(job: _Job, given: CodecTokenizer | None, num_workers, progress, c
     )
     codec = make_codec(job.modality, codec_options)
     found = Inputs(train, job.wrong_extension)
+    target = job.work / f"tokenizer-node-{job.node}"
     tok, report = train_on_inputs(
         job.modality, found, target, codec, job.vocab_size, num_workers=num_workers, progress=progress
     )
-    print(report.summary(tok, target), file=sys.stderr)
+    print(report.summary(tok, job.output + "/tokenizer"), file=sys.stderr)
     job.tokenizer_report = {"trained_here": True, "split": "train", **report.as_dict()}
-    _write_json(done, job.tokenizer_report)
-    return tok
+    return _publish_tokenizer(job, "tokenizer", tok, job.tokenizer_report)
 
 
 def _caption_tokenizer(job: _Job, tok: CodecTokenizer, progress: bool) -> None:
     """The given caption tokenizer, or one trained on the training split's captions; sets ``job.captions``'
     tokenizer, offset and report."""
     captions = job.captions
-    target, done = job.output / "caption_tokenizer", job.work / "caption_tokenizer.done"
     if captions.given is not None:
-        captions.given.save(target)
-        captions.tokenizer = captions.given
         captions.report = {"trained_here": False, "vocab_size": captions.given.vocab_size}
-    elif done.is_file():  # trained by the run that was interrupted
-        captions.tokenizer, captions.report = CodecTokenizer.load(target), json.loads(done.read_text())
+        captions.tokenizer = _publish_tokenizer(job, "caption_tokenizer", captions.given, captions.report)
+    elif (shared := _published_tokenizer(job, "caption_tokenizer")) is not None:
+        captions.tokenizer, captions.report = shared
     else:
-        captions.tokenizer, captions.report = _train_caption_tokenizer(job, target, progress)
-        _write_json(done, captions.report)
+        trained, report = _train_caption_tokenizer(job, job.work / f"caption_tokenizer-node-{job.node}", progress)
+        captions.tokenizer = _publish_tokenizer(job, "caption_tokenizer", trained, report)
+        captions.report = report
     captions.offset = tok.num_ids - NUM_SPECIAL
+
+
+def _published_tokenizer(job: _Job, name: str) -> tuple[CodecTokenizer, dict[str, Any]] | None:
+    """The tokenizer ``name`` (tokenizer, caption_tokenizer) and its report, when an earlier run or another
+    node has published it (``.prepare/NAME.done`` in the output, written after its files); else None."""
+    done = f"{WORK_DIR}/{name}.done"
+    if not job.store.exists(done):
+        return None
+    if not isinstance(job.store, LocalStore):
+        for key in job.store.list(name + "/"):
+            job.store.get_file(key, job.local(key))
+    return CodecTokenizer.load(job.local(name)), json.loads(job.store.read_text(done) or "{}")
+
+
+def _publish_tokenizer(job: _Job, name: str, tok: CodecTokenizer, report: dict[str, Any]) -> CodecTokenizer:
+    """Put ``tok`` into the output as ``name``, unless another node was first: then theirs is used (and the
+    merge checks that every part was written with the published one). Returns the tokenizer to write with."""
+    if (shared := _published_tokenizer(job, name)) is not None:
+        return shared[0]
+    staged = tok.save(job.work / f"{name}-node-{job.node}")
+    for path in sorted(staged.iterdir()):
+        job.store.put_file(path, f"{name}/{path.name}")
+    if not isinstance(job.store, LocalStore):
+        tok.save(job.local(name))
+    _store_json(job.store, f"{WORK_DIR}/{name}.done", report)
+    return CodecTokenizer.load(job.local(name))
 
 
 def _train_caption_tokenizer(job: _Job, target: Path, progress: bool) -> tuple[CodecTokenizer, dict[str, Any]]:
@@ -414,7 +505,7 @@ def _train_caption_tokenizer(job: _Job, target: Path, progress: bool) -> tuple[C
     train = [item for item in job.items if not _is_val(item.key, job.val_fraction)]
     if len(train) > _CAPTION_SAMPLE:
         train = random.Random(0).sample(train, _CAPTION_SAMPLE)
-    report = TrainReport(output=str(target), vocab_size_asked=job.captions.vocab_size)
+    report = TrainReport(output=job.output + "/caption_tokenizer", vocab_size_asked=job.captions.vocab_size)
     texts = []
     for item in tqdm(train, desc="reading captions", unit="caption", disable=not progress, mininterval=1):
         text, reason, _ = read_caption(item.caption)
@@ -436,7 +527,7 @@ def _train_caption_tokenizer(job: _Job, target: Path, progress: bool) -> tuple[C
     report.items, report.total_bytes, report.vocab_size = len(texts), sum(map(len, texts)), tokenizer.vocab_size
     report.total_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
     report.seconds = time.perf_counter() - start
-    print(report.summary(tokenizer, target), file=sys.stderr)
+    print(report.summary(tokenizer, report.output), file=sys.stderr)
     return tokenizer, {"trained_here": True, "split": "train", **report.as_dict()}
 
 
@@ -458,11 +549,11 @@ class _Sample(NamedTuple):
 def _worker_config(job: _Job, tok: CodecTokenizer) -> dict[str, Any]:
     """What each worker loads (:func:`_init_worker`): tokenizer directories, the stored dtype, caption settings."""
     captions = job.captions and {
-        "tokenizer": str(job.output / "caption_tokenizer"),
+        "tokenizer": str(job.local("caption_tokenizer")),
         "offset": job.captions.offset,
         "max_tokens": job.captions.max_tokens,
     }
-    return {"tokenizer": str(job.output / "tokenizer"), "dtype": _dtype(job.num_ids(tok)), "captions": captions}
+    return {"tokenizer": str(job.local("tokenizer")), "dtype": _dtype(job.num_ids(tok)), "captions": captions}
 
 
 def _init_worker(config: dict[str, Any]) -> None:
@@ -576,23 +667,35 @@ class _PartWriter:
             detail = f"caption {result.item.caption.name}: {sample.cut_from} tokens cut to {sample.caption_tokens}"
             self.changed.append({"source": result.item.name, "reason": CAPTION_TRUNCATED, "detail": detail})
 
-    def close(self) -> None:
+    def close(self, tokenizers: str) -> None:
+        """Publish the part: its chunks under their final names (``train/chunk-PART-N.bin``), then one record
+        ``.prepare/parts/part-PART.json`` with their index, counts and statistics, which marks the part done. A
+        part killed before its record is redone whole by the next run, over the same chunk names."""
+        chunks = {}
         for split, writer in self.writers.items():
-            if self.items[split]:
-                writer.done()
-                writer.merge()
-            else:
-                shutil.rmtree(self.tmp / split, ignore_errors=True)
-        np.save(self.tmp / "lengths.npy", np.asarray(self.lengths, dtype=np.int64))
-        np.save(self.tmp / "bytes.npy", np.asarray(self.stream_bytes, dtype=np.int64))
-        summary = {"items": dict(self.items), "tokens": dict(self.tokens), "skipped": self.skipped}
-        if self.job.captions is not None:
-            np.save(self.tmp / "captions.npy", np.asarray(self.caption_tokens, dtype=np.int64))
-            summary["changed"] = self.changed
-        _write_json(self.tmp / "part.json", summary)
-        final = self.job.part_dir(self.part)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp, final)  # atomic: a part is either whole or absent
+            if not self.items[split]:
+                continue
+            writer.done()
+            writer.merge()
+            index = json.loads((self.tmp / split / "index.json").read_text())
+            for chunk in index["chunks"]:
+                name = f"chunk-{self.part:06d}-{chunk['filename'].rsplit('-', 1)[1]}"
+                self.job.store.put_file(self.tmp / split / chunk["filename"], f"{split}/{name}")
+                chunk["filename"] = name
+            chunks[split] = index
+        record = {
+            "items": dict(self.items),
+            "tokens": dict(self.tokens),
+            "skipped": self.skipped,
+            "changed": self.changed,
+            "lengths": self.lengths,
+            "stream_bytes": self.stream_bytes,
+            "caption_tokens": self.caption_tokens,
+            "index": chunks,
+            "tokenizers": tokenizers,
+        }
+        _store_json(self.job.store, _part_key(self.part), record)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _is_val(key: str, val_fraction: float) -> bool:
@@ -600,56 +703,113 @@ def _is_val(key: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
+def _done_parts(job: _Job) -> set[int]:
+    """Parts whose record is in the output (written by any node, this run or an earlier one)."""
+    names = [key.rsplit("/", 1)[1] for key in job.store.list(f"{WORK_DIR}/parts/")]
+    return {int(name[5:11]) for name in names if name.startswith("part-") and name.endswith(".json")}
+
+
+def _tokenizers_id(job: _Job, tok: CodecTokenizer) -> str:
+    """A digest of the tokenizers a part is written with: the merge refuses parts of another tokenizer."""
+    text = tok.tokenizer.to_str() + (job.captions.tokenizer.tokenizer.to_str() if job.captions else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool) -> Counter:
-    todo = [p for p in range(job.num_parts) if not (job.part_dir(p) / "part.json").is_file()]
-    done_items = len(job.items) - sum(len(job.part_items(p)) for p in todo)
-    counts = Counter(processed=0)
+    """Write this node's unwritten parts; returns counts of this run (processed, skipped)."""
+    done = _done_parts(job)
+    todo = [p for p in job.share if p not in done]
+    share_items = sum(len(job.part_items(p)) for p in job.share)
+    done_items = share_items - sum(len(job.part_items(p)) for p in todo)
+    counts = Counter(processed=0, skipped=0)
+    node = f" (node {job.node} of {job.num_nodes})" if job.num_nodes > 1 else ""
     bar = tqdm(
-        total=len(job.items),
+        total=share_items,
         initial=done_items,
-        desc=f"prepare {job.modality}",
+        desc=f"prepare {job.modality}{node}",
         unit="item",
         disable=not progress,
         mininterval=1,
     )
     if done_items:
-        print(f"resuming: {job.num_parts - len(todo)} of {job.num_parts} parts already written", file=sys.stderr)
-    writer, seen = None, 0
-    results = _results(job, todo, _worker_config(job, tok), num_workers)
+        print(
+            f"resuming: {len(job.share) - len(todo)} of {len(job.share)} parts already written{node}", file=sys.stderr
+        )
+    results, tokenizers = _results(job, todo, _worker_config(job, tok), num_workers), _tokenizers_id(job, tok)
     for part in todo:
         writer = _PartWriter(job, part)
         for _ in range(len(job.part_items(part))):
             sample = next(results)
             writer.add(sample)
-            seen += 1
+            counts["processed"] += 1
             counts["skipped"] += sample.ids is None
             bar.update(1)
             bar.set_postfix(skipped=counts["skipped"], refresh=False)
-        writer.close()
+        writer.close(tokenizers)
     results.close()
     bar.close()
-    counts["processed"] = seen
     return counts
 
 
 # ---------------------------------------------------------------------- finish
 
 
-def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds: float) -> dict[str, Any]:
-    parts = [job.part_dir(p) for p in range(job.num_parts)]
-    summaries = [json.loads((p / "part.json").read_text()) for p in parts]
+def _node_record(job: _Job, counts: Counter, seconds: float) -> None:
+    """``.prepare/nodes/node-N.json``: what this node's run did, for the report's ``nodes``."""
+    record = {
+        "node": job.node,
+        "num_nodes": job.num_nodes,
+        "host": socket.gethostname(),
+        "items_processed_this_run": counts["processed"],
+        "items_skipped_this_run": counts["skipped"],
+        "wall_time_s": round(seconds, 3),
+        "items_per_s": round(counts["processed"] / seconds, 2) if seconds else None,
+    }
+    _store_json(job.store, f"{WORK_DIR}/nodes/node-{job.node:04d}.json", record)
+
+
+def _unfinished(job: _Job, counts: Counter, missing: int) -> dict[str, Any]:
+    """The report of a node whose share is written while others' are not: the dataset is not complete yet."""
+    print(
+        f"node {job.node} of {job.num_nodes}: its share is written; {missing} of {job.num_parts} parts of other "
+        f"nodes are not yet: the node that writes the last part completes {job.output}",
+        file=sys.stderr,
+    )
+    return {
+        "complete": False,
+        "output": job.output,
+        "node": job.node,
+        "num_nodes": job.num_nodes,
+        "parts_missing": missing,
+        "items_processed_this_run": counts["processed"],
+        "items_skipped_this_run": counts["skipped"],
+    }
+
+
+def _finish(job: _Job, tok: CodecTokenizer, codec: Any) -> dict[str, Any]:
+    """Merge every part's record into one index per split, the report, then ``dataset.json`` (last). Runs on
+    the node that finds every part written; safe to re-run after a kill, and to run on two nodes at once."""
+    try:
+        records = [json.loads(job.store.read_text(_part_key(p))) for p in range(job.num_parts)]
+        nodes = [json.loads(job.store.read_text(k)) for k in job.store.list(f"{WORK_DIR}/nodes/")]
+    except FileNotFoundError:  # another node finished the merge (and cleared the work area) meanwhile
+        if (done := _already_done(job)) is not None:
+            return done
+        raise
+    _check_tokenizers(job, tok, records)
     splits = {}
     for split in SPLITS:
-        items = sum(s["items"].get(split, 0) for s in summaries)
-        splits[split] = {"items": items, "tokens": sum(s["tokens"].get(split, 0) for s in summaries)}
-        if items:
-            _merge_split(parts, job.output / split)
-    written = sum(v["items"] for v in splits.values())
-    if not written:
+        items = sum(r["items"].get(split, 0) for r in records)
+        splits[split] = {"items": items, "tokens": sum(r["tokens"].get(split, 0) for r in records)}
+        indexes = [r["index"][split] for r in records if split in r["index"]]
+        if indexes:
+            chunks = [chunk for index in indexes for chunk in index["chunks"]]
+            _store_json(job.store, f"{split}/index.json", {"chunks": chunks, "config": indexes[0]["config"]})
+    if not sum(v["items"] for v in splits.values()):
         raise UserError(f"none of the {len(job.items)} inputs could be written; see the reasons above")
-    report = _report(job, tok, parts, summaries, splits, counts, seconds)
-    _write_json(job.output / "prepare_report.json", report)
-    _write_json(job.output / "codec_spec.json", tok.codec_spec)
+    report = _report(job, tok, records, splits, nodes)
+    _store_json(job.store, "prepare_report.json", report)
+    _store_json(job.store, "codec_spec.json", tok.codec_spec)
     meta = {
         "format": FORMAT,
         "modality": job.modality,
@@ -659,41 +819,38 @@ def _finish(job: _Job, tok: CodecTokenizer, codec: Any, counts: Counter, seconds
         "fingerprint": job.fingerprint,
         **({"captions": job.captions.meta()} if job.captions else {}),
     }
-    _write_json(job.output / "dataset.json", meta)  # last: the dataset is complete
+    _store_json(job.store, "dataset.json", meta)  # last: the dataset is complete
     return report
 
 
-def _merge_split(parts: list[Path], target: Path) -> None:
-    """Move every part's chunks of one split into ``target`` under one litdata index (idempotent)."""
-    target.mkdir(parents=True, exist_ok=True)
-    chunks, config = [], None
-    for part in parts:
-        index_file = part / target.name / "index.json"
-        if not index_file.is_file():
-            continue
-        index = json.loads(index_file.read_text())
-        config = config or index["config"]
-        for chunk in index["chunks"]:
-            name = f"chunk-{part.name.split('-')[1]}-{chunk['filename'].rsplit('-', 1)[1]}"
-            src = part / target.name / chunk["filename"]
-            if src.exists():  # else moved by a run that was killed while merging
-                os.replace(src, target / name)
-            chunks.append({**chunk, "filename": name})
-    _write_json(target / "index.json", {"chunks": chunks, "config": config})
+def _check_tokenizers(job: _Job, tok: CodecTokenizer, records: list[dict[str, Any]]) -> None:
+    """Refuse to merge parts written with a tokenizer other than the published one (two nodes that trained
+    different ones at once): their records are removed, so re-running the nodes rewrites them."""
+    expected = _tokenizers_id(job, tok)
+    wrong = [p for p, r in enumerate(records) if r["tokenizers"] != expected]
+    if wrong:
+        for part in wrong:
+            job.store.delete(_part_key(part))
+        raise UserError(
+            f"{len(wrong)} parts of {job.output} were written with another tokenizer than {job.output}/tokenizer "
+            "(nodes trained their own at once); they were removed: re-run the nodes to rewrite them"
+        )
 
 
-def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, Any]:
-    lengths = np.concatenate([np.load(p / "lengths.npy") for p in parts])
-    stream_bytes = np.concatenate([np.load(p / "bytes.npy") for p in parts])
-    skipped = [s for summary in summaries for s in summary["skipped"]]
+def _report(job, tok, records, splits, nodes) -> dict[str, Any]:
+    lengths = np.asarray([n for r in records for n in r["lengths"]], dtype=np.int64)
+    stream_bytes = np.asarray([n for r in records for n in r["stream_bytes"]], dtype=np.int64)
+    skipped = [s for r in records for s in r["skipped"]]
     skipped += [
         {"source": str(p), "reason": WRONG_EXTENSION, "error": WRONG_EXTENSION_ERROR} for p in job.wrong_extension
     ]
     skipped += job.rejected
     reasons = Counter(s["reason"] for s in skipped)
+    processed = sum(n["items_processed_this_run"] for n in nodes)
+    seconds = max((n["wall_time_s"] for n in nodes), default=0.0)
     report = {
         "modality": job.modality,
-        "output": str(job.output),
+        "output": job.output,
         "items_seen": len(job.items) + len(job.wrong_extension) + len(job.rejected),
         "items_written": int(len(lengths)),
         "items_skipped": len(skipped),
@@ -706,20 +863,39 @@ def _report(job, tok, parts, summaries, splits, counts, seconds) -> dict[str, An
         "vocab_size": tok.vocab_size,
         "num_ids": job.num_ids(tok),
         "tokenizer": job.tokenizer_report,
-        "wall_time_s": round(seconds, 3),
-        "items_processed_this_run": counts["processed"],
-        "items_per_s": round(counts["processed"] / seconds, 2) if seconds else None,
+        "wall_time_s": seconds,
+        "items_processed_this_run": processed,
+        "items_per_s": round(processed / seconds, 2) if seconds else None,
+        "nodes": _node_reports(job, records, nodes),
         "skipped": skipped,
     }
     if job.captions is not None:
-        report.update(_caption_report(job, parts, summaries))
+        report.update(_caption_report(job, records))
     return report
 
 
-def _caption_report(job: _Job, parts: list[Path], summaries: list[dict]) -> dict[str, Any]:
+def _node_reports(job: _Job, records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each node's share (parts, items written and skipped), with its last run's record when it has one (a node
+    whose run ended while another merged may have none)."""
+    last_run = {(r["node"], r["num_nodes"]): r for r in runs}
+    out = []
+    for node in range(job.num_nodes):
+        share = records[node :: job.num_nodes]
+        out.append(
+            {
+                **last_run.get((node, job.num_nodes), {"node": node, "num_nodes": job.num_nodes}),
+                "parts": len(share),
+                "items_written": sum(sum(r["items"].values()) for r in share),
+                "items_skipped": sum(len(r["skipped"]) for r in share),
+            }
+        )
+    return out
+
+
+def _caption_report(job: _Job, records: list[dict[str, Any]]) -> dict[str, Any]:
     """prepare_report.json's caption statistics and the items written with a change (captions cut short)."""
-    tokens = np.concatenate([np.load(p / "captions.npy") for p in parts])
-    changed = [c for summary in summaries for c in summary.get("changed", [])]
+    tokens = np.asarray([n for r in records for n in r["caption_tokens"]], dtype=np.int64)
+    changed = [c for r in records for c in r["changed"]]
     captions = {
         **job.captions.meta(),
         "written": int(len(tokens)),
@@ -744,10 +920,9 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+def _store_json(store: Store, key: str, data: Any) -> None:
+    """Write JSON as one whole object: readers see the old one or the new one, never half of one."""
+    store.write_text(key, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------- for people
@@ -755,6 +930,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 def summary(report: dict[str, Any]) -> str:
     """What `jpeglm prepare` prints at the end: what was written, what was skipped and why."""
+    if report.get("complete") is False:  # one node of several, before the last one finished
+        return (
+            f"node {report['node']} of {report['num_nodes']}: processed {report['items_processed_this_run']} inputs "
+            f"({report['items_skipped_this_run']} skipped) into {report['output']}; {report['parts_missing']} parts "
+            "of other nodes to go"
+        )
     t = report["tokens_per_item"]
     lines = [
         f"wrote {report['items_written']} of {report['items_seen']} inputs to {report['output']} "

@@ -412,11 +412,11 @@ def test_a_killed_job_resumes(folder, jpeg_tokenizer_dir, tmp_path, monkeypatch)
     args = dict(val_fraction=0.3, num_workers=1, part_size=3, captions=True, caption_vocab_size=280, progress=False)
     close, closed = jpeglm.prepare._PartWriter.close, []
 
-    def close_twice_then_die(self):
+    def close_twice_then_die(self, *args):
         if len(closed) == 2:
             raise KeyboardInterrupt
         closed.append(self.part)
-        close(self)
+        close(self, *args)
 
     monkeypatch.setattr(jpeglm.prepare._PartWriter, "close", close_twice_then_die)
     with pytest.raises(KeyboardInterrupt):

@@ -1,4 +1,5 @@
-"""recipes/slurm/jpeg_tiny.sbatch on a real SLURM cluster (slurmctld + slurmd on this machine, see slurm_cluster.py).
+"""recipes/slurm/jpeg_tiny.sbatch and prepare.sbatch on a real SLURM cluster (slurmctld + slurmd on this machine,
+see slurm_cluster.py).
 
 Two jobs of two CPU tasks each: one trains a few steps and checkpoints; the other is sent SIGUSR1 while it
 trains, saves ``hpc_ckpt_1.ckpt`` through ``jpeglm.callbacks.SlurmRequeue``, is requeued by SLURM under the same
@@ -8,6 +9,7 @@ job id and resumes from that checkpoint to the end. CI installs slurm-wlm (.ci/r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -18,9 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 from slurm_cluster import SlurmCluster, installed
+from test_prepare import all_samples, small_photos, write_images
+
+from jpeglm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "slurm" / "jpeg_tiny.sbatch"
+PREPARE = REPO / "recipes" / "slurm" / "prepare.sbatch"
 RUN = Path("runs/jpeg_tiny")  # the recipe's run directory, relative to where the job runs
 # One sequence per rank and step instead of the recipe's 4, and 256 pictures instead of 4096: a quick test on
 # 2 cores; everything else is the recipe.
@@ -119,3 +125,25 @@ def test_usr1_saves_requeues_and_resumes(cluster, cache_dir, tmp_path):
     assert f"`Trainer.fit` stopped: `max_steps={max_steps}` reached." in restart, restart
     assert global_step(tmp_path / RUN / "checkpoints" / "last.ckpt") == max_steps
     assert not (tmp_path / RUN / "hpc_ckpt_2.ckpt").exists()
+
+
+def test_prepare_array_of_two_tasks_equals_one_node(cluster, photos, tmp_path):
+    """recipes/slurm/prepare.sbatch as a 2-task array, both tasks at once (each trains the tokenizer; the first
+    publishes it): the same samples in the same order as one node, and one report with both nodes' counts."""
+    corpus = tmp_path / "corpus"
+    write_images(corpus, small_photos(photos, 24, size=64))
+    args = ["--modality", "jpeg", "--input", str(corpus), "--val-fraction", "0.2", "--part-size", "3", "--no-progress"]
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    options = ["--array=0-1", "--cpus-per-task=1"]
+    job = cluster.sbatch(
+        PREPARE, env=env, args=[*args, "--output", str(tmp_path / "nodes")], options=options, cwd=tmp_path
+    )
+    for task in (f"{job}_0", f"{job}_1"):
+        info = cluster.wait(task, timeout=300)
+        assert info["JobState"] == "COMPLETED", cluster.logs(task)
+    assert main(["prepare", *args, "--output", str(tmp_path / "one"), "--num-nodes", "1"]) == 0
+
+    assert all_samples(tmp_path / "nodes") == all_samples(tmp_path / "one")
+    report = json.loads((tmp_path / "nodes" / "prepare_report.json").read_text())
+    assert [(n["node"], n["num_nodes"], n["parts"]) for n in report["nodes"]] == [(0, 2, 4), (1, 2, 4)]
+    assert sum(n["items_written"] for n in report["nodes"]) == report["items_written"] == 24
