@@ -4,25 +4,28 @@ Sources are ImageNet-sized JPEGs cut from the real photographs in tests/fixtures
 make_sources), written to a temporary directory; the tokenizer is trained once beforehand and given with
 --tokenizer, so both sides do per-image work only.
 
-    floor:      a multiprocessing.Pool of W workers (spawn, as prepare's), each file: Pillow open -> RGB ->
-                center crop -> resize 256 -> the paper's save call (quality 25, 4:2:0, a restart marker per MCU)
-    prepare:    jpeglm.prepare.prepare(..., num_workers=W) end to end: finding the inputs, workers encoding and
-                tokenizing, litdata chunks, merge, report
+    floor:      `python pillow_floor.py SRC --workers W`: a spawned multiprocessing.Pool of W workers, each file
+                Pillow open -> RGB -> center crop -> resize 256 -> the paper's save call (quality 25, 4:2:0, a
+                restart marker per MCU), in batches of 16
+    prepare:    `jpeglm prepare --input SRC --tokenizer TOK --num-workers W` end to end, as a command: start-up,
+                finding the inputs, workers encoding and tokenizing, litdata chunks, merge, report
     per image:  one process, prepare's worker call (jpeglm.prepare._process: JpegCodec.encode per file, then one
                 CodecTokenizer.encode_batch per batch of 16) against the floor's per-file work
 
 Prints items/s of both sides and the ratios: prepare / floor end to end (target >= 0.75) and encode + tokenize /
 floor per image (target <= 1.3). Each timing is the best of --repeats runs, since machines are shared.
 
-    python benchmarks/bench_prepare.py [--images 512] [--workers N (default: all cores)] [--repeats 2]
+    python benchmarks/bench_prepare.py [--images 1024] [--workers N (default: all cores)] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,20 +34,24 @@ from pillow_floor import floor
 
 from jpeglm.codecs import JpegCodec
 from jpeglm.inputs import find_inputs
-from jpeglm.prepare import _BATCH, _init_worker, _process, prepare
+from jpeglm.prepare import _BATCH, _init_worker, _process
 from jpeglm.tokenizer import CodecTokenizer
 
-
-def floor_pool(paths: list[Path], workers: int) -> int:
-    """The floor over ``workers`` spawned processes, in batches of prepare's size; returns the bytes written."""
-    batches = [paths[i : i + _BATCH] for i in range(0, len(paths), _BATCH)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return sum(len(s) for streams in pool.imap(floor, batches, chunksize=1) for s in streams)
+HERE = Path(__file__).parent
 
 
-def prepare_once(source: Path, tokenizer: Path, out: Path, workers: int) -> dict:
+def floor_run(source: Path, workers: int) -> None:
+    """The floor as a user runs a script: ``python pillow_floor.py SOURCE --workers W``."""
+    subprocess.run([sys.executable, str(HERE / "pillow_floor.py"), str(source), "--workers", str(workers)], check=True)
+
+
+def prepare_run(source: Path, tokenizer: Path, out: Path, workers: int) -> dict:
+    """``jpeglm prepare`` as a user runs it (a fresh output each time); returns its report."""
     shutil.rmtree(out, ignore_errors=True)
-    return prepare("jpeg", [source], out, tokenizer, val_fraction=0.01, num_workers=workers, progress=False)
+    command = [sys.executable, "-m", "jpeglm.cli", "prepare", "--modality", "jpeg", "--input", str(source)]
+    command += ["--output", str(out), "--tokenizer", str(tokenizer), "--num-workers", str(workers), "--no-progress"]
+    subprocess.run(command, check=True, capture_output=True)
+    return json.loads((out / "prepare_report.json").read_text())
 
 
 def worker_call(items: list) -> int:
@@ -54,7 +61,7 @@ def worker_call(items: list) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=512, help="source images to make and prepare.")
+    parser.add_argument("--images", type=int, default=1024, help="source images to make and prepare.")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on both sides.")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side; the best counts.")
     args = parser.parse_args()
@@ -68,10 +75,9 @@ def main() -> None:
         tokenizer = CodecTokenizer.train(streams[:256], "jpeg", 320, codec_spec=codec.spec)
         tokenizer.save(tmp / "tokenizer")
 
-        t_floor, _ = best_of(args.repeats, floor_pool, paths, args.workers)
-        t_prepare, report = best_of(
-            args.repeats, prepare_once, tmp / "src", tmp / "tokenizer", tmp / "out", args.workers
-        )
+        t_floor, _ = best_of(args.repeats, floor_run, tmp / "src", args.workers)
+        src, tok_dir = tmp / "src", tmp / "tokenizer"
+        t_prepare, report = best_of(args.repeats, prepare_run, src, tok_dir, tmp / "out", args.workers)
         assert report["items_written"] == len(paths), report["skipped"][:3]
 
         _init_worker({"tokenizer": str(tmp / "tokenizer"), "dtype": "uint16", "captions": None})

@@ -103,6 +103,7 @@ class SyntheticImageTextDataModule(MixedDataModule):
             num_workers=1,  # in this process: spawning workers costs more than a small corpus takes
             seed=self.text_settings["seed"],
             progress=False,
+            num_nodes=1,  # this process alone: not a share of SLURM's tasks (one per training rank)
         )
 
 

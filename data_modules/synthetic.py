@@ -283,6 +283,7 @@ class SyntheticDataModule(PreparedDataModule):
             seed=self.settings["seed"],
             progress=False,
             captions=self.settings.get("captions", False),
+            num_nodes=1,  # this process alone: not a share of SLURM's tasks (one per training rank)
         )
         shutil.rmtree(tokenizer_dir)  # prepare copied it into the dataset directory
 

@@ -213,7 +213,8 @@ def prepare(
 def node_share(num_nodes: int | None, node_rank: int | None) -> tuple[int, int]:
     """``(node_rank, num_nodes)`` as given, else from SLURM: an array job's index among its tasks
     (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), else a job step's task
-    (``SLURM_PROCID`` of ``SLURM_NTASKS``), else one node."""
+    (``SLURM_PROCID`` of ``SLURM_NTASKS``), else one node. ``num_nodes=1`` alone is node 0 of 1 anywhere: what the
+    data modules that prepare inside a training job ask for (its SLURM tasks are training ranks, not shares)."""
     env = os.environ
     if "SLURM_ARRAY_TASK_COUNT" in env:
         task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
@@ -223,7 +224,7 @@ def node_share(num_nodes: int | None, node_rank: int | None) -> tuple[int, int]:
     else:
         found = (0, 1)
     count = found[1] if num_nodes is None else num_nodes
-    rank = found[0] if node_rank is None else node_rank
+    rank = (0 if count == 1 else found[0]) if node_rank is None else node_rank
     if count < 1 or not 0 <= rank < count:
         raise UserError(f"node_rank must be in [0, num_nodes) and num_nodes >= 1, got node {rank} of {count}")
     return rank, count
@@ -492,10 +493,9 @@ def _publish_tokenizer(job: _Job, name: str, tok: CodecTokenizer, report: dict[s
     staged = tok.save(job.work / f"{name}-node-{job.node}")
     for path in sorted(staged.iterdir()):
         job.store.put_file(path, f"{name}/{path.name}")
-    if not isinstance(job.store, LocalStore):
-        tok.save(job.local(name))
     _store_json(job.store, f"{WORK_DIR}/{name}.done", report)
-    return CodecTokenizer.load(job.local(name))
+    # What the output holds now, not ``tok``: a node that published at the same moment may have written last.
+    return _published_tokenizer(job, name)[0]
 
 
 def _train_caption_tokenizer(job: _Job, target: Path, progress: bool) -> tuple[CodecTokenizer, dict[str, Any]]:
@@ -612,16 +612,21 @@ def _batches(job: _Job, parts: list[int]) -> Iterator[list[InputItem]]:
             yield items[i : i + _BATCH]
 
 
-def _results(job: _Job, parts: list[int], config: dict[str, Any], num_workers: int) -> Iterator[_Sample]:
+def _results(job: _Job, parts: list[int], config: dict[str, Any], num_workers: int) -> Iterator[_Sample | None]:
+    """Each input's :class:`_Sample`, in order, after one None once the workers are started: the caller takes
+    that first, so the workers start and encode while it imports litdata for the writer (seconds, with torch)."""
     batches = _batches(job, parts)
     if num_workers <= 1:
         _init_worker(config)
+        yield None
         for batch in batches:
             yield from _process(batch)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a parent that runs threads
     with context.Pool(num_workers, initializer=_init_worker, initargs=(config,)) as pool:
-        for results in pool.imap(_process, batches, chunksize=1):
+        started = pool.imap(_process, batches, chunksize=1)
+        yield None
+        for results in started:
             yield from results
 
 
@@ -636,8 +641,12 @@ class _PartWriter:
         from litdata.streaming.writer import BinaryWriter
 
         self.job, self.part = job, part
-        self.tmp = job.work / f"tmp-part-{part:06d}"
-        shutil.rmtree(self.tmp, ignore_errors=True)  # left by a killed run
+        # This process's own: the work area of a local output is shared by every node, and two nodes may write
+        # one part at once (a re-run as one node while another is still going); each publishes whole files.
+        self.tmp = job.work / f"tmp-part-{part:06d}-{socket.gethostname()}-{os.getpid()}"
+        for old in job.work.glob(f"tmp-part-{part:06d}-{socket.gethostname()}-*"):
+            if not _alive(int(old.name.rsplit("-", 1)[1])):  # left by a killed run on this machine
+                shutil.rmtree(old, ignore_errors=True)
         self.writers = {
             split: BinaryWriter(str(self.tmp / split), chunk_bytes=job.chunk_bytes, item_loader=TokensLoader())
             for split in SPLITS
@@ -698,6 +707,17 @@ class _PartWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _is_val(key: str, val_fraction: float) -> bool:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
@@ -736,6 +756,8 @@ def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool)
             f"resuming: {len(job.share) - len(todo)} of {len(job.share)} parts already written{node}", file=sys.stderr
         )
     results, tokenizers = _results(job, todo, _worker_config(job, tok), num_workers), _tokenizers_id(job, tok)
+    if todo:
+        next(results)  # the workers start (none when this node's share is all written)
     for part in todo:
         writer = _PartWriter(job, part)
         for _ in range(len(job.part_items(part))):

@@ -160,6 +160,8 @@ def test_dashes_and_underscores_and_native_spellings_give_the_same_call(calls, c
         "caption_tokenizer": None,
         "caption_vocab_size": 512,
         "max_caption_tokens": 64,
+        "num_nodes": None,
+        "node_rank": None,
     }
     assert recorded == [expected] * 3
 
@@ -218,7 +220,8 @@ def test_every_command_line_of_the_readme_parses(calls):
     recorded = {name: calls(name) for name in TYPED_COMMANDS}
     for argv in commands:
         assert main(argv) == 0, argv
-    caption, generate, unconditional, _released = recorded["generate"]
+    from_s3, caption, generate, unconditional, _released = recorded["generate"]
+    assert from_s3["prompt_images"] == ["s3://my-bucket/prompts/"]
     assert (caption["prompt_text"], caption["cfg_scale"], caption["num_samples"]) == (
         ["a red circle at the top left on a plain teal background"], 2.0, 4)  # fmt: skip
     assert recorded["evaluate-captions"][0]["cfg_scales"] == [1.0, 1.5, 2.0]
@@ -233,6 +236,8 @@ def test_every_command_line_of_the_readme_parses(calls):
     assert recorded["consolidate"] == [{"checkpoint": "CKPT_DIR", "output": "model.ckpt"}]
     assert [c["vocab_size"] for c in recorded["tokenizer train"]] == [320, None, 32000]
     assert recorded["prepare"][0]["val_fraction"] == 0.01
+    on_node_2 = next(c for c in recorded["prepare"] if c["node_rank"] is not None)
+    assert (on_node_2["num_nodes"], on_node_2["node_rank"], on_node_2["output"]) == (4, 2, "/shared/jpeg")
 
 
 def test_the_quick_start_commands_parse(calls):

@@ -497,3 +497,11 @@ def test_files_of_other_types_are_skipped_with_one_word_and_one_reason(photos, t
     assert "streams read: 4, skipped: 1\n  wrong_extension: 1" in captured.err  # the tokenizer step
     assert "skipped: 1, wrong_extension: 1" in captured.out  # the shard step
     assert "ignored" not in captured.err + captured.out
+
+
+def test_prepare_workers_start_without_torch():
+    """A spawned prepare worker imports jpeglm.prepare (and codecs, tokenizers) only: torch would add seconds to
+    every worker's start (jpeglm/codecs/grammar.py imports it where masks are made)."""
+    code = "import sys, jpeglm.prepare; print(sorted(m for m in ('torch', 'litdata', 'lightning') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,11 +91,10 @@ def test_a_killed_node_redoes_only_its_share(corpus, one_node, tmp_path):
     out = tmp_path / "data"
     run(corpus, out, node=0)
     parts = out / ".prepare" / "parts"
-    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.json")}
+    before = {p.name for p in parts.glob("part-*.json")}
     assert len(before) == 5
     kill_inside("*/part-000005.json", corpus, out, node=1, num_nodes=2)  # parts 1 and 3 written, 5 cut short
     assert {p.name for p in parts.glob("part-*.json")} == {*before, "part-000001.json", "part-000003.json"}
-    time.sleep(0.01)
     report = run(corpus, out, node=1)
 
     assert all_samples(out) == all_samples(one_node[0])
@@ -133,6 +131,7 @@ def test_node_share_from_arguments_and_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_PROCID", "5")
     assert node_share(None, None) == (5, 8)
+    assert node_share(1, None) == (0, 1)  # rank 5 of a training job preparing its own data alone
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")  # an array job wins over its single task's step
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")

@@ -106,10 +106,12 @@ Moves
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where masks are made: `jpeglm prepare`'s workers import codecs without it
+    import torch
 
 from jpeglm.codecs.jpeg import JpegCodec
 
@@ -1033,6 +1035,8 @@ class TokenGrammar:
             raise AssertionError(f"no id keeps {state} finishable: slack {slack}, cheapest rise {low}")
         if slack - low >= len(cuts) - 1:
             return mask
+        import torch
+
         out = torch.zeros(self.num_ids, dtype=torch.bool)
         out[ids[: cuts[slack - low]]] = True
         return out
@@ -1064,6 +1068,8 @@ class TokenGrammar:
             cuts[rise - low] += 1
         for i in range(1, len(cuts)):
             cuts[i] += cuts[i - 1]
+        import torch
+
         return torch.from_numpy(np.array([token for _, token in pairs], dtype=np.int64)), low, cuts
 
     def _build_mask(self, state: State, walked: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -1075,6 +1081,8 @@ class TokenGrammar:
         for node, _, _ in walked:
             for token in ends[node]:
                 flags[token] = 1
+        import torch
+
         return torch.frombuffer(flags, dtype=torch.bool)
 
     def _walk(self, state: State) -> list[tuple[int, int, int]]:

@@ -24,7 +24,9 @@ def test_pictures_are_deterministic_and_varied():
     assert clip[0].shape == (32, 48, 3)
 
 
-def test_builds_once_then_reuses_the_cache(tmp_path):
+def test_builds_once_then_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # rank 1 of a training job under srun: still the whole set, alone
+    monkeypatch.setenv("SLURM_PROCID", "1")
     start = time.perf_counter()
     module = SyntheticDataModule(seq_len=127, batch_size=4, num_images=64, cache_dir=str(tmp_path))
     assert module.vocab_size > 264  # reading the vocabulary builds the set (the CLI links it to the model)
