@@ -31,7 +31,8 @@ from jpeglm.codecs import Codec
 from jpeglm.errors import UserError
 from jpeglm.fid import PAPER_FID, add_pictures, fake_picture, fid_definition, fid_metric, real_picture
 from jpeglm.generation import item_budget, iter_complete
-from jpeglm.inputs import encode_input, find_inputs
+from jpeglm.inputs import EXTENSIONS, encode_input, find_inputs
+from jpeglm.storage import fetch_inputs
 from jpeglm.vocabulary import Modality, pick_modality
 
 
@@ -95,7 +96,7 @@ def evaluate(
 
     Args:
         checkpoint: A jpeglm checkpoint (a file, or an FSDP2 sharded directory) trained on JPEG.
-        images: Evaluation images: directories, globs or files.
+        images: Evaluation images: directories, globs, files, or s3:// URLs (an object, or every image under a prefix).
         output: Directory for results.json and results.md.
         ratios: Shares of each image kept as the prompt, one setting each.
         seeds: Seeds per setting (the tables report mean and std over them).
@@ -264,7 +265,7 @@ def _originals(modality: Modality, inputs: list[str], limit: int | None, streams
     A generator, so that the originals reach the FID features in batches and are never all in memory.
     """
     codec = modality.codec
-    for item in find_inputs(inputs, modality.name).items:
+    for item in find_inputs(fetch_inputs(inputs, EXTENSIONS[modality.name]), modality.name).items:
         encoded = encode_input(codec, item)
         if encoded.stream is None:  # one bad file is reported, not fatal
             print(f"skipped {item.name}: {encoded.error}")

@@ -31,8 +31,9 @@ from tqdm import tqdm
 from jpeglm.checkpoints import Precision, check_tokenizer, load_model, precision_of
 from jpeglm.errors import UserError
 from jpeglm.generation import Completion, complete
-from jpeglm.inputs import encode_input, find_inputs
+from jpeglm.inputs import EXTENSIONS, encode_input, find_inputs
 from jpeglm.pictures import caption_rows, completion_row, grid
+from jpeglm.storage import fetch_inputs
 from jpeglm.vocabulary import Modality, pick_modality
 
 
@@ -64,7 +65,7 @@ def generate_samples(
     Args:
         checkpoint: A jpeglm checkpoint (a file, or an FSDP2 sharded directory).
         output: Directory for the samples, contact_sheet.png and samples.json.
-        prompt_images: Images (or videos) whose beginnings the model completes: directories, globs or files.
+        prompt_images: Images (or videos) whose beginnings the model completes: directories, globs, files, s3:// URLs.
         unconditional: Sample from nothing (bos and the modality tag) instead of completing prompts.
         prompt_text: Captions to draw, num_samples of each (with prompt images: one for all, or one per image).
         prompt_file: A text file of captions, one per line, drawn like prompt_text.
@@ -162,7 +163,7 @@ def _load(
 def _prompt_streams(modality: Modality, inputs: list[str], count: int) -> tuple[list[str], list[bytes]]:
     """Names and streams of the first ``count`` readable inputs (unreadable ones are reported and skipped)."""
     names, streams = [], []
-    for item in find_inputs(inputs, modality.name).items:
+    for item in find_inputs(fetch_inputs(inputs, EXTENSIONS[modality.name]), modality.name).items:
         encoded = encode_input(modality.codec, item)
         if encoded.stream is None:
             print(f"skipped {item.name}: {encoded.error}")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jpeglm.errors import UserError
@@ -105,9 +107,14 @@ class LocalStore(Store):
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        # A name of this process's own: two nodes writing one key at once on a shared file system each rename a
+        # whole file of their own into place, and the last rename wins.
+        tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def put_file(self, local: Path, key: str) -> None:
         target = self.path(key)
@@ -153,7 +160,7 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)  # never printed (logs, errors)
 
     def resolved(self) -> S3Options:
         """These options with every unset field filled from the environment."""
@@ -183,15 +190,14 @@ def litdata_storage_options(options: S3Options | None = None) -> dict[str, str]:
     """litdata's ``StreamingDataset(storage_options=...)`` for these options (environment filled in).
 
     litdata 0.2.76 passes ``storage_options`` straight to ``boto3.Session().client("s3", config=..., **options)``
-    for ``index.json`` (and its ranged reads); whole chunks go through obstore when it is installed, built from
-    that same boto3 client's endpoint, region and credentials (no s5cmd). obstore refuses a plain ``http://``
-    endpoint unless ``AWS_ALLOW_HTTP`` is true, so for such an endpoint this sets ``AWS_ALLOW_HTTP=true`` in the
-    environment (inherited by loader workers) unless it is set already.
+    (no s5cmd). It would download whole chunks through obstore when that is installed, which refuses a plain
+    ``http://`` endpoint; this switches litdata to its boto3 client for chunks too, for the whole process
+    (:func:`jpeglm._compat.boto3_chunk_downloads`), so every request goes to the endpoint given here.
     """
-    kwargs = (options or S3Options()).client_kwargs()
-    if kwargs.get("endpoint_url", "").startswith("http://"):
-        os.environ.setdefault("AWS_ALLOW_HTTP", "true")
-    return kwargs
+    from jpeglm._compat import boto3_chunk_downloads
+
+    boto3_chunk_downloads()
+    return (options or S3Options()).client_kwargs()
 
 
 def _one_line(error: BaseException) -> str:
@@ -205,7 +211,8 @@ class S3Store(Store):
     Every object is written whole by one PUT (S3 makes an object visible only once it is complete), so a
     reader sees an old object or the new one. Failures a user can fix (credentials, a missing bucket, an
     endpoint that does not answer) raise :class:`~jpeglm.errors.UserError` with one line naming the URL;
-    boto3 retries little, so an unreachable endpoint fails in seconds.
+    requests are retried up to 8 times (boto3's adaptive mode backs off when the server throttles), and a connect
+    timeout of 3 s makes an endpoint that does not answer fail within a minute.
 
     Args:
         url: ``s3://bucket`` or ``s3://bucket/prefix``.
@@ -214,6 +221,9 @@ class S3Store(Store):
     Raises:
         UserError: the URL has no bucket.
     """
+
+    page_size = 1000
+    """Keys per listing request (S3's most)."""
 
     def __init__(self, url: str, options: S3Options | None = None) -> None:
         import boto3
@@ -225,7 +235,9 @@ class S3Store(Store):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.options = (options or S3Options()).resolved()
-        config = Config(connect_timeout=3, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"})
+        # Adaptive retries ride out a busy server's throttling (503 SlowDown) and dropped connections at 128 nodes;
+        # the short connect timeout still makes an endpoint that does not answer fail in well under a minute.
+        config = Config(connect_timeout=3, read_timeout=60, retries={"max_attempts": 8, "mode": "adaptive"})
         self.client = boto3.session.Session().client("s3", config=config, **self.options.client_kwargs())
 
     def key(self, key: str) -> str:
@@ -290,7 +302,7 @@ class S3Store(Store):
     def get_file(self, key: str, local: Path) -> None:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.tmp")
+        tmp = local.with_name(f".{local.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         with self.errors(key):
             self.client.download_file(self.bucket, self.key(key), str(tmp))
         os.replace(tmp, local)
@@ -300,7 +312,10 @@ class S3Store(Store):
         full = self.key(prefix)
         found = {}
         with self.errors(prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
                 for item in page.get("Contents") or []:
                     name = item["Key"]
                     if not full or name == full or name.startswith(full.rstrip("/") + "/"):
@@ -376,7 +391,8 @@ def fetch_inputs(inputs: list[str], extensions: frozenset[str], options: S3Optio
 
     A URL naming an object becomes that file; a URL naming a prefix becomes a directory holding each object under
     it whose name ends with one of ``extensions`` (in its relative layout). Copies live under
-    :func:`cache_root` ``/inputs``, keyed by the URL; an object already there with its size is not fetched again.
+    :func:`cache_root` ``/inputs``, keyed by the URL; an object already there with its size is not fetched again,
+    and a copy of an object the store no longer lists is deleted, so the directory holds the current listing.
 
     Raises:
         UserError: the URL holds nothing (no such object, no such objects under the prefix) or cannot be read.
@@ -402,4 +418,15 @@ def fetch_inputs(inputs: list[str], extensions: frozenset[str], options: S3Optio
             path = base / key
             if not (path.is_file() and path.stat().st_size == size):
                 store.get_file(key, path)
+        _prune(Path(local[-1]), {base / key for key in sizes})
     return local
+
+
+def _prune(directory: Path, keep: set[Path]) -> None:
+    """Delete the files under ``directory`` other than ``keep``: objects an earlier fetch copied that the store no
+    longer lists (another process's download in progress, a hidden ``.tmp`` file, is left alone)."""
+    if not directory.is_dir():
+        return
+    for path in directory.rglob("*"):
+        if path.is_file() and path not in keep and not path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
+from s3_server import s3_server  # noqa: F401  (fixture: a live S3-compatible server, tests/s3_server.py)
 
 from jpeglm.codecs import JpegCodec
 from jpeglm.tokenizer import CodecTokenizer
