@@ -16,6 +16,7 @@ never makes the next epoch replay it, and a state saved on the last batch of an 
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
-from jpeglm._compat import ResumeAtWorkerCounts
+from jpeglm._compat import ResumeAtWorkerCounts, distributed_position, local_dir, padded_tokens_loader
+from jpeglm.data_modules.elastic import ElasticEpoch, clear, members_of, topology
 from jpeglm.errors import UserError
-from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
+from jpeglm.shards import PreparedDataset, check_blocks, read_dataset
+from jpeglm.storage import S3Options, is_remote
 from jpeglm.tokenizer import BOS_ID, MODALITIES, NUM_SPECIAL, PAD_ID, CodecTokenizer
 from jpeglm.vocabulary import Modality, dataset_modalities
 
@@ -56,6 +60,17 @@ class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
         shuffle: shuffle chunks and blocks (per epoch, from ``seed``).
         seed: the shuffle seed, and the seed of the caption dropout.
         caption_dropout: share of captioned samples whose caption is dropped (:func:`drop_captions`).
+        cache_dir: for a split in object storage, where litdata keeps the chunks it downloads (None: litdata's).
+        storage_options: for a split in object storage, litdata's ``storage_options`` (endpoint, credentials);
+            ``PreparedDataset.stream_source`` gives ``input_dir``, ``cache_dir`` and these.
+        pad_tail: also yield the last, partial block of every chunk, filled up with pad (validation: every id is
+            seen; :func:`jpeglm._compat.padded_tokens_loader`). Training cuts whole blocks only.
+        dtype: the ids' dtype in the chunks (``dataset.json``'s), read for the padded blocks.
+        drop_last: give every rank and worker the same number of blocks (litdata; always so on several ranks).
+
+    Attributes:
+        elastic_blocks: set by an elastic resume (:mod:`jpeglm.data_modules.elastic`): for epoch
+            :attr:`elastic_epoch`, the blocks each worker of this rank yields, instead of litdata's assignment.
     """
 
     def __init__(
@@ -67,18 +82,40 @@ class TokenBlocks(ResumeAtWorkerCounts, StreamingDataset):
         shuffle: bool = False,
         seed: int = 42,
         caption_dropout: float = 0.0,
+        cache_dir: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        pad_tail: bool = False,
+        drop_last: bool = True,
+        dtype: str = "uint16",
     ) -> None:
+        loader = padded_tokens_loader(block_size, PAD_ID, dtype) if pad_tail else TokensLoader(block_size=block_size)
         super().__init__(
             input_dir=str(input_dir),
-            item_loader=TokensLoader(block_size=block_size),
+            item_loader=loader,
             shuffle=shuffle,
-            drop_last=True,  # every rank and worker gets the same number of blocks
+            drop_last=drop_last,  # True: every rank and worker gets the same number of blocks
             seed=seed,
+            cache_dir=cache_dir,
+            storage_options=storage_options,
         )
         self.modality_id = modality_id
         self.offset = offset
         self.caption_dropout = caption_dropout
         self.samples_per_worker: dict[int, int] | None = None
+        self.block_size = block_size
+        self.elastic_blocks: list[np.ndarray] | None = None
+        self.elastic_epoch = 0
+
+    def __iter__(self) -> Any:
+        if self.elastic_blocks is None or self.current_epoch != self.elastic_epoch:
+            return super().__iter__()
+        super().__iter__()  # litdata's set-up of the worker and its cache; its own plan goes unused
+        worker = torch.utils.data.get_worker_info()
+        return self._serve(self.elastic_blocks[0 if worker is None else worker.id])
+
+    def _serve(self, blocks: np.ndarray) -> Any:
+        for index in blocks.tolist():
+            yield self[index]
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         ids = super().__getitem__(index).astype(np.int64)  # (block_size,)
@@ -146,9 +183,31 @@ class ResumableLoader(StreamingDataLoader):
         self._length = length
         self._batches_in_epoch = 0
         self._resume_pending = False
+        self._elastic: ElasticEpoch | None = None  # an epoch continued on another topology
+        self._loaded: dict[str, Any] | None = None
+        #: after an elastic resume: the epoch, blocks left in it (all ranks), blocks dropped, batches of the epoch
+        self.elastic_report: dict[str, int] | None = None
 
     def __len__(self) -> int:
+        # Lightning reads the length once per run: it must not cut a continued epoch short (an epoch shorter than
+        # the length ends where its data ends)
+        length = self._base_length()
+        return length if self._elastic is None else max(length, self._elastic.length)
+
+    def _base_length(self) -> int:
         return super().__len__() if self._length is None else self._length
+
+    def _in_elastic_epoch(self) -> bool:
+        return self._elastic is not None and self.current_epoch == self._elastic.epoch
+
+    def _epoch_batches(self) -> int:
+        """Batches of the current epoch in this run."""
+        return self._elastic.length if self._in_elastic_epoch() else self._base_length()
+
+    def topology(self) -> dict[str, int]:
+        """World size, loader workers (0 counts as 1), batch size and nodes of this run."""
+        _, world, nodes = distributed_position(members_of(self.dataset)[0])
+        return topology(world, self.num_workers, self.batch_size, nodes)
 
     def __iter__(self) -> Any:
         # A generator: this body runs at the first `next`, so iterators Lightning creates but never starts
@@ -162,17 +221,105 @@ class ResumableLoader(StreamingDataLoader):
             # Made here, not in the worker: every tensor a worker sends costs a shared-memory segment (~1 ms).
             batch["modality"] = torch.tensor(batch["modality"], dtype=torch.long)  # (B,)
             yield batch
-            if self._length is not None and self._batches_in_epoch >= self._length:
+            cut = self._elastic.length if self._in_elastic_epoch() else self._length
+            if cut is not None and self._batches_in_epoch >= cut:
                 return
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "batches_in_epoch": self._batches_in_epoch}
+        """litdata's state, the batches taken this epoch, and what an elastic resume needs (topology, epoch)."""
+        if self._resume_pending and self._elastic is not None:
+            return self._loaded  # loaded and not yet begun: the same position
+        state = {
+            **super().state_dict(),
+            "batches_in_epoch": self._batches_in_epoch,
+            "epoch_batches": self._epoch_batches(),
+            "topology": self.topology(),
+        }
+        if self._in_elastic_epoch():
+            state["elastic"] = self._elastic.state()
+        return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        super().load_state_dict(obj)
+        """Continue from a saved position: litdata's resume on the same topology, else :meth:`_resume_elastic`.
+
+        Checkpoints from before ``topology`` was saved take it from litdata's state.
+        """
+        clear(self.dataset)
+        self._elastic, self._loaded, self.elastic_report = None, obj, None
         self._batches_in_epoch = obj.get("batches_in_epoch", 0)
+        now = self.topology()
+        saved = saved_topology(obj, now)
         # mid-epoch: the next `__iter__` continues from the state; before or after an epoch: it starts the next one
-        self._resume_pending = self.restore = 0 < self._batches_in_epoch < len(self)
+        mid = 0 < self._batches_in_epoch < obj.get("epoch_batches", self._base_length())
+        if mid and (saved != now or "elastic" in obj):
+            self._resume_elastic(obj, saved, now)
+        elif saved != now:
+            self.current_epoch, self.restore, self._resume_pending = obj["current_epoch"], False, False
+        else:
+            super().load_state_dict(obj)
+            self._resume_pending = self.restore = mid
+
+    def _resume_elastic(self, obj: dict[str, Any], saved: dict[str, int], now: dict[str, int]) -> None:
+        """Deal the blocks this epoch has left to this run's ranks and workers (:mod:`jpeglm.data_modules.elastic`)."""
+        earlier = obj.get("elastic", {"segments": [], "start": 0})
+        counts = segment_counts(obj, saved, self._batches_in_epoch - earlier["start"])
+        segments = [*earlier["segments"], {"topology": saved, "counts": counts}]
+        self._elastic = ElasticEpoch(obj["current_epoch"], segments, self._batches_in_epoch)
+        self._elastic.plan(self.dataset, now, distributed_position(members_of(self.dataset)[0])[0])
+        self.current_epoch, self.restore, self._resume_pending = obj["current_epoch"] - 1, False, True
+        e = self._elastic
+        self.elastic_report = {"epoch": e.epoch, "remaining": e.remaining, "dropped": e.dropped, "batches": e.length}
+        rank_zero_info(
+            f"resuming epoch {e.epoch} on {now['world_size']} rank(s) x {now['num_workers']} worker(s) (saved on "
+            f"{saved['world_size']} x {saved['num_workers']}): {e.remaining} blocks left, dealt anew; {e.dropped} "
+            f"dropped so that every rank gets as many; the epoch ends after {e.length} batches"
+        )
+
+
+def validation_blocks(split_dir: Path, block_size: int) -> int:
+    """Blocks of a split with every chunk's last, partial block padded (validation reads every id)."""
+    index = json.loads((Path(split_dir) / "index.json").read_text())
+    return sum(-(-chunk["dim"] // block_size) for chunk in index["chunks"])
+
+
+def validation_report(dataset: Any, loader: ResumableLoader) -> dict[str, int]:
+    """What a validation loader covers, all ranks together: ``blocks`` (pad-filled ones included), ``tokens`` (the
+    split's ids), ``padded_tokens`` (pad ids filling up each chunk's last block; no target), ``left_out_blocks``
+    (left out so that every rank gets as many: fewer than ranks * batch size, none on one rank)."""
+    report = {"blocks": 0, "tokens": 0, "padded_tokens": 0, "left_out_blocks": 0}
+    for member in members_of(dataset):
+        served = member.get_len(max(loader.num_workers, 1), loader.batch_size)  # this rank's, every rank alike
+        chunks = json.loads((local_dir(member) / "index.json").read_text())["chunks"]
+        blocks = sum(-(-chunk["dim"] // member.block_size) for chunk in chunks)
+        tokens = sum(chunk["dim"] for chunk in chunks)
+        report["blocks"] += blocks
+        report["tokens"] += tokens
+        report["padded_tokens"] += blocks * member.block_size - tokens
+        report["left_out_blocks"] += blocks - served * distributed_position(member)[1]
+    return report
+
+
+def saved_topology(obj: dict[str, Any], now: dict[str, int]) -> dict[str, int]:
+    """The topology a loader state was saved on; older states: from litdata's own state (else ``now``)."""
+    if "topology" in obj:
+        return obj["topology"]
+    state = obj.get("dataset") or {}
+    state = state if "world_size" in state else next(iter(state.values()), {})  # a mixture: its first member's
+    if not isinstance(state, dict) or "world_size" not in state:
+        return now
+    return topology(state["world_size"], state["num_workers"], state["batch_size"], now["num_nodes"])
+
+
+def segment_counts(obj: dict[str, Any], saved: dict[str, int], batches: int) -> dict[int, list[int]]:
+    """Blocks each worker took from each member since the segment began (the same on every rank).
+
+    A mixture's counts are litdata's (per worker and member); one dataset's workers took whole batches in turn.
+    """
+    yielded = obj.get("num_samples_yielded")
+    if isinstance(yielded, dict):
+        return {int(worker): list(counts) for worker, counts in yielded.items()}
+    size, workers = saved["batch_size"], saved["num_workers"]
+    return {worker: [size * len(range(worker, batches, workers))] for worker in range(workers)}
 
 
 class StreamingDataModule(LightningDataModule):
@@ -196,6 +343,8 @@ class StreamingDataModule(LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._loader_state: dict[str, Any] | None = None
         self._token_bytes: list[int] | None = None
+        #: what the last validation loader covers (:func:`validation_report`), None before it is built
+        self.val_report: dict[str, int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -248,7 +397,16 @@ class StreamingDataModule(LightningDataModule):
         dataset = self._val_dataset()
         if dataset is None:
             return []  # Lightning skips validation for an empty list of loaders
-        return ResumableLoader(dataset, self.batch_size, self.num_workers)
+        loader = ResumableLoader(dataset, self.batch_size, self.num_workers)
+        self.val_report = validation_report(dataset, loader)
+        if self.val_report["padded_tokens"] or self.val_report["left_out_blocks"]:
+            r = self.val_report
+            rank_zero_info(
+                f"validation: {r['tokens']} ids in {r['blocks']} blocks of {self.seq_len + 1}; {r['padded_tokens']} "
+                f"pad ids (no targets) fill up the last block of each chunk; {r['left_out_blocks']} blocks left out "
+                f"so that every rank gets as many"
+            )
+        return loader
 
     # ------------------------------------------------------------------ exact resume
 
@@ -285,18 +443,21 @@ class PreparedDataModule(StreamingDataModule):
         shuffle: bool,
         seed: int,
         caption_dropout: float = 0.1,
+        storage: S3Options | None = None,
     ):
         super().__init__(seq_len, batch_size, num_workers, seed)
         if not 0.0 <= caption_dropout <= 1.0:
             raise UserError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        self.data_dir = Path(data_dir).expanduser()
+        # a URL stays a string: Path("s3://b/p") would collapse its "//"
+        self.data_dir = data_dir if is_remote(data_dir) else Path(data_dir).expanduser()
+        self.storage = storage
         self.shuffle = shuffle
         self.caption_dropout = caption_dropout
 
     @cached_property
     def dataset(self) -> PreparedDataset:
-        """The prepared dataset's description (``dataset.json``), read once."""
-        return read_dataset(self.data_dir)
+        """The prepared dataset's description (``dataset.json``), read once (for a URL: fetched into the cache)."""
+        return read_dataset(self.data_dir, self.storage)
 
     @property
     def vocab_size(self) -> int:
@@ -334,16 +495,21 @@ class PreparedDataModule(StreamingDataModule):
 
     def _train_dataset(self) -> TokenBlocks:
         dropout = self.caption_dropout if getattr(self.dataset, "captions", None) else 0.0
+        self._train_dir()  # an empty train split is an error
         return TokenBlocks(
-            self._train_dir(), self.seq_len + 1, self.modality_id, shuffle=self.shuffle, seed=self.seed,
-            caption_dropout=dropout,
+            **self.dataset.stream_source("train"), block_size=self.seq_len + 1, modality_id=self.modality_id,
+            shuffle=self.shuffle, seed=self.seed, caption_dropout=dropout,
         )  # fmt: skip
 
     def _val_dataset(self) -> TokenBlocks | None:
         directory = self.dataset.split_dir("val")
-        if directory is None or count_blocks(directory, self.seq_len + 1) == 0:
-            return None  # no validation (a tiny dataset's val split may hold less than one block)
-        return TokenBlocks(directory, self.seq_len + 1, self.modality_id, shuffle=False, seed=self.seed)
+        if directory is None or validation_blocks(directory, self.seq_len + 1) == 0:
+            return None  # no validation
+        source = self.dataset.stream_source("val")
+        return TokenBlocks(
+            **source, block_size=self.seq_len + 1, modality_id=self.modality_id, seed=self.seed, pad_tail=True,
+            drop_last=False, dtype=self.dataset.dtype,
+        )  # fmt: skip
 
 
 class CodecDataModule(PreparedDataModule):
@@ -355,7 +521,9 @@ class CodecDataModule(PreparedDataModule):
     CLI can link the vocabulary size to the model and callbacks can decode samples.
 
     Args:
-        data_dir: a directory written by ``jpeglm prepare`` (with ``dataset.json``, ``train/``, ``tokenizer/``).
+        data_dir: a directory written by ``jpeglm prepare`` (with ``dataset.json``, ``train/``, ``tokenizer/``), or
+            such a dataset in object storage, ``s3://bucket/prefix`` (its small files are fetched into
+            ``$JPEGLM_CACHE``, default ``~/.cache/jpeglm``; litdata streams the chunks).
         seq_len: tokens the model sees per sequence; blocks hold ``seq_len + 1`` ids (inputs and targets).
         batch_size: sequences per batch on each rank.
         num_workers: loader worker processes per rank (0: load in the training process).
@@ -365,6 +533,9 @@ class CodecDataModule(PreparedDataModule):
             caption is dropped (``bos, image tag, image, eos``), so the model also learns the unconditional
             distribution that classifier-free guidance needs; decided per sample from the seed, so exact resume
             holds. Validation keeps every caption. No effect on other data.
+        storage: how to reach a ``data_dir`` in object storage (``s3://bucket/prefix``): endpoint, region and
+            credentials (``jpeglm.storage.S3Options``); unset fields come from ``AWS_ENDPOINT_URL``,
+            ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``. No effect on a local directory.
     """
 
     def __init__(
@@ -376,6 +547,7 @@ class CodecDataModule(PreparedDataModule):
         shuffle: bool = True,
         seed: int = 42,
         caption_dropout: float = 0.1,
+        storage: S3Options | None = None,
     ) -> None:
-        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle, seed, caption_dropout)
-        self.save_hyperparameters()
+        super().__init__(data_dir, seq_len, batch_size, num_workers, shuffle, seed, caption_dropout, storage)
+        self.save_hyperparameters(ignore=["storage"])  # credentials stay out of checkpoints

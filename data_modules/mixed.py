@@ -29,9 +29,10 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from litdata import CombinedStreamingDataset
 
 from jpeglm._compat import combined_members, combined_weights, local_dir, samples_yielded, world_size
-from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks
+from jpeglm.data_modules.codec import StreamingDataModule, TokenBlocks, validation_blocks
 from jpeglm.errors import UserError
 from jpeglm.shards import PreparedDataset, check_blocks, count_blocks, read_dataset
+from jpeglm.storage import S3Options, is_remote
 from jpeglm.tokenizer import MODALITIES, NUM_SPECIAL, CodecTokenizer
 from jpeglm.vocabulary import Modality, dataset_modalities
 
@@ -43,7 +44,7 @@ class MixtureMember:
     """One member of a mixture (a prepared dataset): where its ids sit in the mixed vocabulary, and how to decode them.
 
     Attributes:
-        path: the prepared directory.
+        path: the prepared directory (or its ``s3://`` URL).
         modality: "jpeg", "avc" or "text".
         modality_id: the modality's tag id (3, 4 or 5).
         weight: share of sequences drawn from this member (normalized).
@@ -52,7 +53,7 @@ class MixtureMember:
         dataset: the prepared dataset (its ``tokenizer`` and ``codec`` decode samples).
     """
 
-    path: Path
+    path: Path | str
     modality: str
     modality_id: int
     weight: float
@@ -92,8 +93,14 @@ class MixedBlocks(CombinedStreamingDataset):
 
     A resumed loader hands the mixture each worker's count of blocks drawn per member; passing them on to the
     members (:attr:`TokenBlocks.samples_per_worker`) replaces litdata's split of one total over the workers,
-    which is wrong for a mixture with more than one worker.
+    which is wrong for a mixture with more than one worker. An elastic resume (another topology) deals each
+    member's remaining blocks itself (:mod:`jpeglm.data_modules.elastic`) and replays the member draws from
+    :attr:`draw_seed`.
     """
+
+    def __init__(self, datasets: list[Any], weights: list[float], seed: int, iterate_over_all: bool = False) -> None:
+        super().__init__(datasets, seed=seed, weights=weights, iterate_over_all=iterate_over_all)
+        self.draw_seed = seed  # every worker draws its members from random.Random(draw_seed)
 
     def __iter__(self) -> Any:
         counts = samples_yielded(self)  # {worker: [blocks per member]} of a loaded state, else None
@@ -115,8 +122,8 @@ class MixedDataModule(StreamingDataModule):
     epoch: the shares are right over an epoch, but the i-th batch of each worker mixes its members alike.
 
     Args:
-        data_dirs: prepared dataset directories (``jpeglm prepare``), the members of the mixture, in the order
-            that fixes the id offsets.
+        data_dirs: prepared dataset directories (``jpeglm prepare``) or their ``s3://bucket/prefix`` URLs, the
+            members of the mixture, in the order that fixes the id offsets.
         weights: share of sequences drawn from each member (normalized to sum to 1).
         seq_len: tokens the model sees per sequence; blocks hold ``seq_len + 1`` ids.
         batch_size: sequences per batch on each rank.
@@ -125,6 +132,8 @@ class MixedDataModule(StreamingDataModule):
         sources: deprecated name of ``data_dirs`` (recipes written before 0.2); give one of the two.
         caption_dropout: share of a captioned member's training samples whose caption is dropped (see
             :class:`~jpeglm.data_modules.CodecDataModule`); no effect on other members.
+        storage: how to reach members in object storage (``jpeglm.storage.S3Options``; unset fields come from the
+            AWS environment variables), as for :class:`~jpeglm.data_modules.CodecDataModule`.
     """
 
     def __init__(
@@ -137,8 +146,10 @@ class MixedDataModule(StreamingDataModule):
         seed: int = 42,
         sources: list[str] | None = None,
         caption_dropout: float = 0.1,
+        storage: S3Options | None = None,
     ) -> None:
         super().__init__(seq_len, batch_size, num_workers, seed)
+        self.storage = storage
         if not 0.0 <= caption_dropout <= 1.0:
             raise UserError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.caption_dropout = caption_dropout
@@ -154,8 +165,8 @@ class MixedDataModule(StreamingDataModule):
             raise UserError(f"{len(data_dirs)} data_dirs but {len(weights)} weights: give one weight per directory")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"weights must be >= 0 with a positive sum, got {weights}")
-        self.save_hyperparameters()
-        self.data_dirs = [Path(s).expanduser() for s in data_dirs]
+        self.save_hyperparameters(ignore=["storage"])  # credentials stay out of checkpoints
+        self.data_dirs = [s if is_remote(s) else Path(s).expanduser() for s in data_dirs]  # a URL stays a string
         self.weights = [w / sum(weights) for w in weights]
 
     @cached_property
@@ -163,7 +174,7 @@ class MixedDataModule(StreamingDataModule):
         """Each member's modality, weight, id offset and tokenizer, in the order given."""
         infos, offset = [], 0
         for path, weight in zip(self.data_dirs, self.weights, strict=True):
-            dataset = read_dataset(path)
+            dataset = read_dataset(path, self.storage)
             infos.append(
                 MixtureMember(
                     path, dataset.modality, MODALITIES[dataset.modality], weight, offset, dataset.num_ids, dataset
@@ -216,14 +227,18 @@ class MixedDataModule(StreamingDataModule):
             raise UserError(f"mixture member {info.path} has an empty {split} split")
         return directory
 
+    def _stream_source(self, info: MixtureMember, split: str) -> dict[str, Any]:
+        self._split_dir(info, split)  # an empty split is an error
+        return info.dataset.stream_source(split)
+
     def _train_dataset(self) -> MixedBlocks:
         used = [(index, info) for index, info in enumerate(self.members) if info.weight > 0]
         datasets = [
             TokenBlocks(
-                self._split_dir(info, "train"),
-                self.seq_len + 1,
-                info.modality_id,
-                info.offset,
+                **self._stream_source(info, "train"),
+                block_size=self.seq_len + 1,
+                modality_id=info.modality_id,
+                offset=info.offset,
                 shuffle=True,
                 seed=self.seed + index,  # members of the same size must not shuffle alike
                 caption_dropout=self.caption_dropout if getattr(info.dataset, "captions", None) else 0.0,
@@ -236,8 +251,11 @@ class MixedDataModule(StreamingDataModule):
         datasets = []
         for info in self.members:
             directory = info.dataset.split_dir("val")
-            if directory is not None and count_blocks(directory, self.seq_len + 1):
-                datasets.append(TokenBlocks(directory, self.seq_len + 1, info.modality_id, info.offset))
+            if directory is not None and validation_blocks(directory, self.seq_len + 1):
+                source = info.dataset.stream_source("val")
+                datasets.append(TokenBlocks(**source, block_size=self.seq_len + 1, modality_id=info.modality_id,
+                                            offset=info.offset, pad_tail=True, drop_last=False,
+                                            dtype=info.dataset.dtype))  # fmt: skip
         # iterate_over_all: every member's val split once, in full
         return CombinedStreamingDataset(datasets, seed=self.seed, iterate_over_all=True) if datasets else None
 

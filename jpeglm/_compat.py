@@ -34,16 +34,20 @@ __all__ = [
     "WRAPPED_PARAMETER_PARTS",
     "Checked",
     "ResumeAtWorkerCounts",
+    "boto3_chunk_downloads",
     "check_versions",
     "checkpoint_wrapper",
     "combined_members",
     "combined_weights",
+    "distributed_position",
+    "epoch_plan",
     "first_loop_iter",
     "fsdp2_kept_unsharded",
     "installed_version",
     "load_distributed_checkpoint",
     "loader_workers",
     "local_dir",
+    "padded_tokens_loader",
     "replay_counts",
     "samples_yielded",
     "set_first_loop_iter",
@@ -91,6 +95,11 @@ CHECKED: dict[str, Checked] = {
         "data_modules/mixed.py MixedDataModule._train_length (via local_dir)",
         "the directory the dataset was built from, kept by the caller",
     ),
+    "litdata.streaming.downloader._OBSTORE_INIT_PID": Checked(
+        *_LITDATA,
+        "jpeglm/storage.py litdata_storage_options (via boto3_chunk_downloads)",
+        "none: no switch between litdata's obstore and boto3 chunk downloads, and no way to pass allow_http to obstore",
+    ),
     "litdata.CombinedStreamingDataset._datasets": Checked(
         *_LITDATA,
         "data_modules/mixed.py MixedBlocks.__iter__, MixedDataModule._train_length (via combined_members)",
@@ -105,6 +114,26 @@ CHECKED: dict[str, Checked] = {
         *_LITDATA,
         "data_modules/mixed.py MixedBlocks.__iter__ (via samples_yielded)",
         "none: the loaded state's per-worker counts are not exposed (litdata #694, #775)",
+    ),
+    "litdata.StreamingDataset.distributed_env.global_rank": Checked(
+        *_LITDATA,
+        "data_modules/codec.py ResumableLoader elastic resume (via distributed_position)",
+        "trainer.global_rank, trainer.world_size, trainer.num_nodes",
+    ),
+    "litdata.utilities.env._DistributedEnv": Checked(
+        *_LITDATA,
+        "data_modules/elastic.py (via epoch_plan): the shuffler's assignment for a saved world size",
+        "none: litdata's Shuffle classes take this private type (litdata's own elastic resume builds one too)",
+    ),
+    "litdata.streaming.item_loader.TokensLoader._chunks": Checked(
+        *_LITDATA,
+        "data_modules/codec.py validation blocks (via padded_tokens_loader)",
+        "none: TokensLoader cuts every chunk into whole blocks and has no option to pad the rest",
+    ),
+    "litdata.streaming.item_loader.BaseItemLoader._wait_until_chunk_ready": Checked(
+        *_LITDATA,
+        "data_modules/codec.py validation blocks (via padded_tokens_loader)",
+        "none: what TokensLoader.load_item_from_chunk runs before reading a chunk",
     ),
     "lightning.pytorch.Trainer._logger_connector._first_loop_iter": Checked(
         *_LIGHTNING,
@@ -259,6 +288,23 @@ def local_dir(dataset: Any) -> Path:
     return Path(dataset.input_dir.path)
 
 
+def boto3_chunk_downloads() -> None:
+    """From now on litdata downloads S3 chunks with its boto3 client, in this process and the workers it forks.
+
+    litdata 0.2.76 GETs ``index.json`` with a boto3 client made from ``storage_options`` but whole chunks through
+    obstore when it is installed (``litdata.streaming.downloader.obstore_usable()``), with the endpoint copied from
+    that client and no ``allow_http``: obstore then refuses a plain ``http://`` endpoint (MinIO, rclone, a local
+    gateway). ``obstore_usable()`` is true only while ``downloader._OBSTORE_INIT_PID`` (the process that started
+    obstore's runtime, which a forked worker must not reuse) is None or this process; setting it to -1 makes it
+    false everywhere, so litdata takes its own boto3 fallback for chunks (sync and async prefetch alike). Without
+    the name (a litdata without obstore) there is nothing to switch. No public replacement.
+    """
+    from litdata.streaming import downloader
+
+    if hasattr(downloader, "_OBSTORE_INIT_PID"):
+        downloader._OBSTORE_INIT_PID = -1
+
+
 @contextmanager
 def replay_counts(counts: dict[int, int]) -> Iterator[None]:
     """Within the block, litdata's resume puts worker ``w`` at ``counts[w]`` samples instead of its own split.
@@ -299,6 +345,97 @@ class ResumeAtWorkerCounts:
         counts = {w: self.samples_per_worker.get(w, 0) for w in range(loader_workers(self))}
         with replay_counts(counts):
             return super()._resume(workers_chunks, workers_intervals)
+
+
+def distributed_position(dataset: Any) -> tuple[int, int, int]:
+    """``(global rank, world size, nodes)`` of this process, as a ``StreamingDataset`` detected them.
+
+    ``StreamingDataset.distributed_env`` (private type ``_DistributedEnv``): torch.distributed when initialised,
+    else the ``WORLD_SIZE``, ``GLOBAL_RANK`` and ``NNODES`` environment variables (what the tests set). Public
+    near-equivalent: ``trainer.global_rank``, ``trainer.world_size``, ``trainer.num_nodes``.
+    """
+    env = dataset.distributed_env
+    return env.global_rank, env.world_size, env.num_nodes
+
+
+def epoch_plan(
+    dataset: Any, world_size: int, num_nodes: int, num_workers: int, batch_size: int, epoch: int
+) -> list[list[int]]:
+    """The global item (block) indices each worker of each rank yields in ``epoch``, in order, for that topology.
+
+    Index ``rank * num_workers + worker``. This replays what ``StreamingDataset.__iter__`` and ``__next__`` do
+    without a loaded state: the shuffler's ``get_chunks_and_intervals_per_workers(env, num_workers, batch_size,
+    epoch)`` gives each worker its chunks and item ranges, and the shuffler itself (``shuffler(items,
+    num_chunks, epoch, chunk_index)``) orders the items of each. ``env`` is a ``litdata.utilities.env.
+    _DistributedEnv(world_size, 0, num_nodes)`` (a private type; the assignment of all ranks does not depend on
+    the rank). The dataset's ``shuffler`` (made by ``get_len``, a public method, with the dataset's own
+    settings) is an undocumented attribute. No public replacement: litdata 0.2.76's own elastic resume
+    (``_canonical_plans``) does the same, privately.
+    """
+    import numpy as np
+    from litdata.utilities.env import _DistributedEnv
+
+    if dataset.shuffler is None:
+        dataset.get_len(dataset.num_workers, dataset.batch_size)  # makes the shuffler; same settings, no change
+    shuffler = dataset.shuffler
+    env = _DistributedEnv(world_size, 0, num_nodes)
+    chunks, intervals = shuffler.get_chunks_and_intervals_per_workers(env, num_workers, batch_size, epoch)
+    num_chunks = len(shuffler.cache.get_chunk_intervals())
+    plans = []
+    for worker_chunks, worker_intervals in zip(chunks, intervals, strict=True):
+        items: list[int] = []
+        for chunk_index, interval in zip(worker_chunks, worker_intervals, strict=True):
+            ranged = np.arange(interval[1], interval[2])
+            items.extend(int(i) for i in shuffler(ranged, num_chunks, epoch, int(chunk_index)))
+        plans.append(items)
+    return plans
+
+
+def padded_tokens_loader(block_size: int, pad_id: int, dtype: str) -> Any:
+    """A ``litdata.TokensLoader`` that also yields each chunk's last, partial block, filled up with ``pad_id``.
+
+    ``TokensLoader`` cuts every chunk into ``dim // block_size`` whole blocks and never reads the rest of a chunk
+    (up to ``block_size - 1`` ids per chunk); validation must see every id. This subclass counts
+    ``ceil(dim / block_size)`` blocks per chunk (``generate_intervals``) and reads the last one of a chunk from the
+    chunk file itself (ids of ``dtype``, the prepared dataset's): the private ``TokensLoader._chunks`` (the
+    chunks' ``dim`` and ``chunk_size`` from index.json) and ``BaseItemLoader._wait_until_chunk_ready`` (what
+    ``TokensLoader.load_item_from_chunk`` runs first; for remote data, until the chunk is downloaded). The chunk
+    layout (uint32 count, count + 1 uint32 offsets, ids) is litdata's, documented in docs/architecture.md. Whole
+    blocks are read by ``TokensLoader`` itself. The class is named ``TokensLoader``: litdata compares a loader's class
+    name with the one index.json records. No public replacement.
+    """
+    import numpy as np
+    from litdata import TokensLoader
+    from litdata.streaming.item_loader import Interval
+
+    class PaddedTokensLoader(TokensLoader):
+        """``TokensLoader`` padding each chunk's last block; named ``TokensLoader`` (below) as index.json says."""
+
+        def generate_intervals(self) -> list[Any]:
+            intervals, begin = [], 0
+            for chunk in self._chunks:
+                end = begin + -(-chunk["dim"] // block_size)
+                intervals.append(Interval(begin, begin, end, end))
+                begin = end
+            return intervals
+
+        def load_item_from_chunk(
+            self, index: int, chunk_index: int, chunk_filepath: str, begin: int, filesize_bytes: int
+        ) -> Any:
+            chunk = self._chunks[chunk_index]
+            start = (index - begin) * block_size
+            if start + block_size <= chunk["dim"]:
+                return super().load_item_from_chunk(index, chunk_index, chunk_filepath, begin, filesize_bytes)
+            self._wait_until_chunk_ready(chunk_index, chunk_filepath, filesize_bytes)
+            header = (1 + chunk["chunk_size"] + 1) * 4
+            ids_dtype = np.dtype(dtype)
+            ids = np.fromfile(
+                chunk_filepath, dtype=ids_dtype, count=chunk["dim"] - start, offset=header + start * ids_dtype.itemsize
+            )
+            return np.concatenate([ids, np.full(block_size - len(ids), pad_id, dtype=ids_dtype)])
+
+    PaddedTokensLoader.__name__ = "TokensLoader"  # litdata checks the loader's class name against index.json's
+    return PaddedTokensLoader(block_size=block_size)
 
 
 # ----------------------------------------------------------------------------------------------- Lightning

@@ -7,6 +7,7 @@ left the checked range; jpeglm/_compat.py says what each name does and what woul
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -141,6 +142,31 @@ def _resume_calls_replay_sampling() -> bool:
     return hasattr(StreamingDataset, "_resume") and "_replay_sampling(" in inspect.getsource(StreamingDataset._resume)
 
 
+def _tokens_loader_reads(name: str) -> bool:
+    from litdata.streaming.item_loader import BaseItemLoader, TokensLoader
+
+    # padded_tokens_loader reads the chunks' dims as TokensLoader does, and waits for a chunk as it does.
+    if name == "_chunks":
+        return "self._chunks" in inspect.getsource(TokensLoader.generate_intervals)
+    source = inspect.getsource(TokensLoader.load_item_from_chunk)
+    return hasattr(BaseItemLoader, name) and f"self.{name}(" in source
+
+
+def _distributed_env_type() -> bool:
+    from litdata.utilities import env
+
+    parameters = list(inspect.signature(env._DistributedEnv).parameters) if hasattr(env, "_DistributedEnv") else []
+    return parameters == ["world_size", "global_rank", "num_nodes"]
+
+
+def _obstore_switch() -> bool:
+    from litdata.streaming import downloader
+
+    # boto3_chunk_downloads works while obstore_usable() reads the module global it sets.
+    reads_it = "_OBSTORE_INIT_PID" in inspect.getsource(downloader.obstore_usable)
+    return hasattr(downloader, "_OBSTORE_INIT_PID") and reads_it
+
+
 def _trainer_flag() -> bool:
     import lightning as L
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -182,6 +208,12 @@ def _fsdp2_reshard_setting() -> bool:
 
 
 EXISTS = {
+    "litdata.StreamingDataset.distributed_env.global_rank": lambda d: _has_path(d[0][0], "distributed_env.global_rank"),
+    "litdata.utilities.env._DistributedEnv": lambda d: _distributed_env_type(),
+    "litdata.streaming.item_loader.TokensLoader._chunks": lambda d: _tokens_loader_reads("_chunks"),
+    "litdata.streaming.item_loader.BaseItemLoader._wait_until_chunk_ready": lambda d: _tokens_loader_reads(
+        "_wait_until_chunk_ready"
+    ),
     "litdata.streaming.dataset._replay_sampling": lambda d: _module_attribute(
         "litdata.streaming.dataset", "_replay_sampling"
     ),
@@ -189,6 +221,7 @@ EXISTS = {
     "litdata.StreamingDataset.worker_env.world_size": lambda d: _has_path(d[0][0], "worker_env.world_size"),
     "litdata.StreamingDataset.distributed_env.world_size": lambda d: _has_path(d[0][0], "distributed_env.world_size"),
     "litdata.StreamingDataset.input_dir.path": lambda d: _has_path(d[0][0], "input_dir.path"),
+    "litdata.streaming.downloader._OBSTORE_INIT_PID": lambda d: _obstore_switch(),
     "litdata.CombinedStreamingDataset._datasets": lambda d: _has_path(d[1], "_datasets"),
     "litdata.CombinedStreamingDataset._weights": lambda d: _has_path(d[1], "_weights"),
     "litdata.CombinedStreamingDataset._num_samples_yielded": lambda d: _has_path(d[1], "_num_samples_yielded"),
@@ -315,3 +348,36 @@ def test_checkpoint_wrapper_keeps_outputs_and_gradients():
     wrapped(x).sum().backward()
     torch.testing.assert_close([p.grad for p in plain.parameters()], expected)
     assert any(_compat.WRAPPED_PARAMETER_PARTS[0] in name for name, _ in wrapped.named_parameters())
+
+
+def test_epoch_plan_is_what_litdata_yields(tmp_path):
+    """The replayed assignment of an epoch (shuffled, 2 workers) is the blocks litdata's workers yield, in order."""
+    from litdata import StreamingDataLoader
+
+    from jpeglm.data_modules.codec import TokenBlocks
+
+    blocks = TokenBlocks(write_blocks(tmp_path / "d", 3), block_size=16, modality_id=3, shuffle=True, seed=5)
+    loader = StreamingDataLoader(blocks, batch_size=2, num_workers=2)
+    epochs = [[row.tolist() for batch in loader for row in batch["input_ids"]] for _ in range(2)]
+    for epoch, seen in enumerate(epochs, start=1):
+        plan = _compat.epoch_plan(blocks, 1, 1, 2, 2, epoch)  # worker 0's batches, then worker 1's, in turn
+        batches = [[plan[w][i : i + 2] for i in range(0, len(plan[w]), 2)] for w in range(2)]
+        order = [i for j in range(len(batches[0])) for w in range(2) if j < len(batches[w]) for i in batches[w][j]]
+        assert [blocks[i]["input_ids"].tolist() for i in order] == seen
+    assert epochs[0] != epochs[1]
+
+
+def test_padded_tokens_loader_reads_every_id(tmp_path):
+    """Every chunk's ids in blocks of 16, its last block filled up with pad (40-id items in 256-byte chunks)."""
+    from litdata import StreamingDataset
+
+    from jpeglm.shards import read_chunk
+
+    directory = write_blocks(tmp_path / "d")
+    dataset = StreamingDataset(str(directory), item_loader=_compat.padded_tokens_loader(16, 0, "uint16"))
+    got = np.concatenate([dataset[i] for i in range(len(dataset))])
+    expected = []
+    for chunk in json.loads((directory / "index.json").read_text())["chunks"]:
+        ids = np.concatenate(list(read_chunk(directory / chunk["filename"], "uint16")))
+        expected += [ids, np.zeros(-len(ids) % 16, dtype=np.uint16)]
+    assert np.array_equal(got, np.concatenate(expected))

@@ -11,8 +11,8 @@ import torch
 
 from jpeglm.codecs import JpegCodec
 from jpeglm.data_modules import CodecDataModule
-from jpeglm.shards import read_dataset
-from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES
+from jpeglm.shards import read_chunk, read_dataset
+from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, PAD_ID
 
 
 def samples(data_dir, split="train") -> np.ndarray:
@@ -46,13 +46,15 @@ def test_vocab_tokenizer_and_codec_are_readable_before_setup(photo_dataset):
 
 
 def test_validation_is_unshuffled_and_covers_the_val_split(photo_dataset):
+    """Every id of the val split, in stored order; each chunk's last block is filled up with pad."""
     module = CodecDataModule(str(photo_dataset), seq_len=63, batch_size=1)
     blocks = torch.cat([b["input_ids"] for b in module.val_dataloader()]).numpy().reshape(-1)
-    stream = samples(photo_dataset, "val")
-    assert len(stream) - len(blocks) < 64 * len(
-        json.loads((photo_dataset / "val" / "index.json").read_text())["chunks"]
-    )
-    assert np.array_equal(blocks, stream[: len(blocks)])
+    padded = []
+    for chunk in json.loads((photo_dataset / "val" / "index.json").read_text())["chunks"]:
+        ids = np.concatenate(list(read_chunk(photo_dataset / "val" / chunk["filename"], "uint16"))).astype(np.int64)
+        padded += [ids, np.full(-len(ids) % 64, PAD_ID)]
+    assert np.array_equal(blocks, np.concatenate(padded))
+    assert np.array_equal(blocks[blocks != PAD_ID], samples(photo_dataset, "val"))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
