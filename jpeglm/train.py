@@ -25,13 +25,14 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 import jpeglm.callbacks  # noqa: F401 - known subclasses: `--data.help CodecDataModule`, `--trainer.callbacks.help LogLines`
 import jpeglm.data_modules  # noqa: F401
 from jpeglm.codecs import CodecError
 from jpeglm.errors import UserError
 from jpeglm.model import CodecLM
+from jpeglm.trainer import Trainer, resolve_last
 
 SUBCOMMANDS = ("fit", "validate", "test")
 USER_ERRORS = (UserError, CodecError, MisconfigurationException)
@@ -39,8 +40,9 @@ USER_ERRORS = (UserError, CodecError, MisconfigurationException)
 
 
 class JpeglmCLI(LightningCLI):
-    """LightningCLI with the data -> model links that keep a recipe from disagreeing with its data, and
-    everything a run writes under ``trainer.default_root_dir`` (:func:`under_root_dir`)."""
+    """LightningCLI with the data -> model links that keep a recipe from disagreeing with its data,
+    everything a run writes under ``trainer.default_root_dir`` (:func:`under_root_dir`), and checkpoints that are
+    never half written nor resumed from (:class:`jpeglm.trainer.Trainer`, :meth:`resolve_ckpt_path`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.seq_len", "model.seq_len")
@@ -51,6 +53,21 @@ class JpeglmCLI(LightningCLI):
         check_accelerator(trainer.get("accelerator"))  # before the data and model
         under_root_dir(trainer)
         super().instantiate_classes()
+
+    def before_fit(self) -> None:
+        self.resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        self.resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self.resolve_ckpt_path()
+
+    def resolve_ckpt_path(self) -> None:
+        """``--ckpt_path last``: the newest *whole* checkpoint, never a half-written one (:func:`.resolve_last`)."""
+        arguments = self.config_init[self.subcommand]
+        if arguments.get("ckpt_path") == "last":
+            arguments["ckpt_path"] = resolve_last(self.trainer, self.subcommand)
 
 
 def under_root_dir(trainer: Any) -> None:
@@ -94,6 +111,24 @@ def check_accelerator(accelerator: object) -> None:
     )
 
 
+SECRET_FIELDS = frozenset({"secret_access_key"})
+"""Option names whose values ``config.yaml`` does not keep (:class:`SaveConfigWithoutSecrets`)."""
+
+
+class SaveConfigWithoutSecrets(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of the run with every secret (:data:`SECRET_FIELDS`, e.g. an S3 secret key given
+    as ``--data.init_args.storage.secret_access_key``) replaced by ``***``: the run directory is often shared, and
+    copied with the checkpoints. A run started again from that file reads the secret from the environment
+    (``AWS_SECRET_ACCESS_KEY``) once the ``***`` is removed."""
+
+    def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        masked = config.clone()
+        for key in masked.keys():  # noqa: SIM118 - the nested, dotted keys (iterating gives the top level)
+            if key.rsplit(".", 1)[-1] in SECRET_FIELDS and masked[key] is not None:
+                masked[key] = "***"
+        super().__init__(parser, masked, *args, **kwargs)
+
+
 def cli(args: list[str] | None = None, run: bool = True) -> JpeglmCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line after ``jpeglm``.
 
@@ -102,10 +137,12 @@ def cli(args: list[str] | None = None, run: bool = True) -> JpeglmCLI:
     return JpeglmCLI(
         CodecLM,
         LightningDataModule,
+        trainer_class=Trainer,  # checkpoints written whole or not at all (jpeglm/trainer.py)
         subclass_mode_data=True,
         args=args,
         run=run,
         seed_everything_default=42,
+        save_config_callback=SaveConfigWithoutSecrets,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "jpeglm", "exit_on_error": False},
     )
