@@ -44,6 +44,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ from jpeglm.inputs import (
     read_caption,
 )
 from jpeglm.shards import FORMAT, SPLITS, WORK_DIR, PreparedDataset, read_dataset
-from jpeglm.storage import LocalStore, Store, open_store
+from jpeglm.storage import LocalStore, Store, open_store, scratch
 from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, CodecTokenizer
 from jpeglm.train_tokenizer import ModalityName, TrainReport, make_codec, train_on_inputs
 
@@ -408,7 +409,7 @@ def _check_foreign(job: _Job) -> None:
         root = job.store.root
         if root.exists() and not root.is_dir():
             raise InputError(f"output {job.output} exists and is not a directory")
-        names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+        names = {p.name for p in root.iterdir() if not scratch(p)} if root.is_dir() else set()
     else:
         names = {key.split("/", 1)[0] for key in job.store.list()}
     if names - _locked.KNOWN:
@@ -641,12 +642,7 @@ class _PartWriter:
         from litdata.streaming.writer import BinaryWriter
 
         self.job, self.part = job, part
-        # This process's own: the work area of a local output is shared by every node, and two nodes may write
-        # one part at once (a re-run as one node while another is still going); each publishes whole files.
-        self.tmp = job.work / f"tmp-part-{part:06d}-{socket.gethostname()}-{os.getpid()}"
-        for old in job.work.glob(f"tmp-part-{part:06d}-{socket.gethostname()}-*"):
-            if not _alive(int(old.name.rsplit("-", 1)[1])):  # left by a killed run on this machine
-                shutil.rmtree(old, ignore_errors=True)
+        self.tmp, self.lock = _claim_tmp(job.work, part)
         self.writers = {
             split: BinaryWriter(str(self.tmp / split), chunk_bytes=job.chunk_bytes, item_loader=TokensLoader())
             for split in SPLITS
@@ -705,17 +701,45 @@ class _PartWriter:
         }
         _store_json(self.job.store, _part_key(self.part), record)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.close()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine is running."""
+def _claim_tmp(work: Path, part: int) -> tuple[Path, Any]:
+    """This process's temporary directory for ``part`` and the open file whose lock marks it in use.
+
+    The work area of a local output is shared by every node, and two processes may write one part at once (a
+    re-run as one node while another is still going): each writes in its own directory and publishes whole
+    files. Directories of the part that this machine's killed runs left are removed: their lock is free (the
+    kernel drops a lock with its process); one without a lock file yet is removed only when its process is gone.
+    """
+    prefix = f"tmp-part-{part:06d}-{socket.gethostname()}-"
+    for old in work.glob(f"tmp-part-{part:06d}-*"):
+        pid = old.name[len(prefix) :]
+        if old.name.startswith(prefix) and pid.isdigit() and _abandoned(old, int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = work / f"{prefix}{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    lock = open(tmp / ".lock", "w")  # noqa: SIM115 - held until the part is published
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return tmp, lock
+
+
+def _abandoned(directory: Path, pid: int) -> bool:
+    """Whether no running process of this machine writes in ``directory`` (see :func:`_claim_tmp`)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(directory / ".lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
         return False
-    except PermissionError:  # another user's
-        return True
-    return True
+    except FileNotFoundError:  # between its mkdir and its lock, or killed there
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process
+            return False
+        return False
 
 
 def _is_val(key: str, val_fraction: float) -> bool:
@@ -839,6 +863,9 @@ def _finish(job: _Job, tok: CodecTokenizer, codec: Any) -> dict[str, Any]:
         "dtype": _dtype(job.num_ids(tok)),
         "splits": splits,
         "fingerprint": job.fingerprint,
+        # This writing of the dataset: readers cache a remote dataset's files per version of dataset.json, and the
+        # fingerprint alone stays the same when the same inputs are prepared again after a delete.
+        "version": uuid.uuid4().hex,
         **({"captions": job.captions.meta()} if job.captions else {}),
     }
     _store_json(job.store, "dataset.json", meta)  # last: the dataset is complete

@@ -88,6 +88,12 @@ class Store:
         return f"{self.url.rstrip('/')}/{key}"
 
 
+def scratch(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :meth:`LocalStore.write_bytes` or :meth:`S3Store.get_file` (a hidden
+    name with ``.tmp`` in it): not an object, whether its writer is still going or was killed."""
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
 class LocalStore(Store):
     """A local directory: writes go to a temporary file renamed into place; :meth:`put_file` moves."""
 
@@ -131,7 +137,7 @@ class LocalStore(Store):
             return [prefix]
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not scratch(p))
 
     def delete(self, prefix: str) -> None:
         target = self.path(prefix)
@@ -212,7 +218,7 @@ class S3Store(Store):
     reader sees an old object or the new one. Failures a user can fix (credentials, a missing bucket, an
     endpoint that does not answer) raise :class:`~jpeglm.errors.UserError` with one line naming the URL;
     requests are retried up to 8 times (boto3's adaptive mode backs off when the server throttles), and a connect
-    timeout of 3 s makes an endpoint that does not answer fail within a minute.
+    timeout of 3 s makes an endpoint that does not answer fail in about a minute (8 s when it refuses).
 
     Args:
         url: ``s3://bucket`` or ``s3://bucket/prefix``.
@@ -424,9 +430,9 @@ def fetch_inputs(inputs: list[str], extensions: frozenset[str], options: S3Optio
 
 def _prune(directory: Path, keep: set[Path]) -> None:
     """Delete the files under ``directory`` other than ``keep``: objects an earlier fetch copied that the store no
-    longer lists (another process's download in progress, a hidden ``.tmp`` file, is left alone)."""
+    longer lists (another process's download in progress, a :func:`scratch` file, is left alone)."""
     if not directory.is_dir():
         return
     for path in directory.rglob("*"):
-        if path.is_file() and path not in keep and not path.name.endswith(".tmp"):
+        if path.is_file() and path not in keep and not scratch(path):
             path.unlink(missing_ok=True)

@@ -6,8 +6,11 @@ as a 2-task SLURM array (recipes/slurm/prepare.sbatch), the tasks at once.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +58,9 @@ def test_two_nodes_write_what_one_node_writes(corpus, one_node, tmp_path):
     report = run(corpus, out, node=0)
 
     assert all_samples(out) == all_samples(one_node[0])  # same samples, same order, same tokenizer
-    assert json.loads((out / "dataset.json").read_text()) == json.loads((one_node[0] / "dataset.json").read_text())
+    meta, alone = (json.loads((d / "dataset.json").read_text()) for d in (out, one_node[0]))
+    assert meta.pop("version") != alone.pop("version")  # each writing of a dataset is a version of its own
+    assert meta == alone
     assert (out / "tokenizer" / "tokenizer.json").read_text() == (
         one_node[0] / "tokenizer" / "tokenizer.json"
     ).read_text()
@@ -69,17 +74,24 @@ def test_two_nodes_write_what_one_node_writes(corpus, one_node, tmp_path):
     assert run(corpus, out, node=1)["items_written"] == 40  # a finished dataset: any node's re-run does nothing
 
 
-def kill_inside(key: str, corpus: Path, out: Path, node: int, num_nodes: int) -> None:
-    """Run node ``node``'s prepare in a subprocess that SIGKILLs itself as it starts writing ``key`` (a glob)."""
+def kill_inside(key: str, corpus: Path, out: Path, node: int, num_nodes: int, at: str = "start") -> None:
+    """Run node ``node``'s prepare in a subprocess that SIGKILLs itself as it starts writing ``key`` (a glob of
+    output keys; ``at="start"``), or (``at="rename"``, ``key`` a glob of local paths) once the file's bytes are
+    written under their temporary name, before the rename that puts them in place."""
     code = f"""
-import fnmatch, os, signal, sys
-import jpeglm.prepare as p
+import fnmatch, os, signal, sys, types
+import jpeglm.prepare as p, jpeglm.storage as storage
 store_json = p._store_json
 def dying(store, key, data):
-    if fnmatch.fnmatch(key, {key!r}):
+    if {at!r} == "start" and fnmatch.fnmatch(key, {key!r}):
         os.kill(os.getpid(), signal.SIGKILL)
     store_json(store, key, data)
+def replace(source, target):
+    if {at!r} == "rename" and fnmatch.fnmatch(str(target), {key!r}):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace(source, target)
 p._store_json = dying
+storage.os = types.SimpleNamespace(**{{**vars(os), "replace": replace}})
 p.prepare("jpeg", [{str(corpus)!r}], {str(out)!r}, val_fraction=0.2, num_workers=1, part_size={PART_SIZE},
           progress=False, num_nodes={num_nodes}, node_rank={node})
 """
@@ -117,6 +129,19 @@ def test_killed_during_the_final_merge_completes_on_rerun(corpus, one_node, tmp_
     assert not (out / ".prepare").exists()
 
 
+@pytest.mark.parametrize("target", ["*/.prepare/nodes/node-0000.json", "*/prepare_report.json"])
+def test_a_file_killed_before_its_rename_leaves_nothing_a_rerun_trips_on(corpus, one_node, tmp_path, target):
+    """The whole file under a temporary name, never renamed: a merge must not read it as a record, and the output
+    check must not take it for a foreign file."""
+    out = tmp_path / "data"
+    kill_inside(target, corpus, out, node=0, num_nodes=1, at="rename")
+    assert list(out.rglob(".*.tmp")), "the kill left no temporary file: the test tests nothing"
+    report = run(corpus, out, node=0, num_nodes=1)
+    assert report["items_written"] == 40
+    assert [(n["node"], n["items_processed_this_run"]) for n in report["nodes"]] == [(0, 0)]  # the re-run's record
+    assert all_samples(out) == all_samples(one_node[0])
+
+
 def test_node_share_from_arguments_and_slurm(monkeypatch):
     for name in (
         "SLURM_ARRAY_TASK_COUNT",
@@ -140,3 +165,33 @@ def test_node_share_from_arguments_and_slurm(monkeypatch):
     for bad in ((2, 2), (0, 0), (2, -1)):
         with pytest.raises(UserError, match="node_rank must be in"):
             node_share(*bad)
+
+
+def test_a_part_directory_is_removed_only_when_its_writer_is_gone(tmp_path):
+    from jpeglm.prepare import _claim_tmp
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dirs = {
+        "locked": tmp_path / f"tmp-part-000003-{host}-1000001",  # a live writer holds its lock
+        "unlocked": tmp_path / f"tmp-part-000003-{host}-1000002",  # its writer was killed: the lock is free
+        "dead, no lock": tmp_path / f"tmp-part-000003-{host}-{dead.stdout.strip()}",
+        "live, no lock yet": tmp_path / f"tmp-part-000003-{host}-{os.getppid()}",
+        "another host": tmp_path / f"tmp-part-000003-{host}-ib-1000003",
+        "another part": tmp_path / f"tmp-part-000004-{host}-1000004",
+    }
+    for directory in dirs.values():
+        directory.mkdir()
+    for name in ("locked", "unlocked", "another host", "another part"):
+        (dirs[name] / ".lock").touch()
+    with open(dirs["locked"] / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        mine, lock = _claim_tmp(tmp_path, 3)
+    lock.close()
+    assert mine == tmp_path / f"tmp-part-000003-{host}-{os.getpid()}"
+    assert {name for name, d in dirs.items() if d.exists()} == {
+        "locked",
+        "live, no lock yet",
+        "another host",
+        "another part",
+    }
