@@ -43,6 +43,7 @@ __all__ = [
     "epoch_plan",
     "first_loop_iter",
     "fsdp2_kept_unsharded",
+    "hpc_resume_path",
     "installed_version",
     "load_distributed_checkpoint",
     "loader_workers",
@@ -139,6 +140,11 @@ CHECKED: dict[str, Checked] = {
         *_LIGHTNING,
         "callbacks/training.py InitialValidation (via first_loop_iter, set_first_loop_iter)",
         "none: no public way to validate at step 0 inside fit (Lightning #20985)",
+    ),
+    "lightning.pytorch.Trainer._checkpoint_connector._hpc_resume_path": Checked(
+        *_LIGHTNING,
+        "jpeglm/trainer.py Trainer.fit (via hpc_resume_path): the checkpoint every rank must agree on",
+        "none: Lightning picks the SLURM checkpoint inside fit, after each rank resolved it on its own",
     ),
     "lightning.fabric.utilities.load._load_distributed_checkpoint": Checked(
         *_LIGHTNING,
@@ -456,6 +462,16 @@ def first_loop_iter(trainer: Any) -> bool | None:
 def set_first_loop_iter(trainer: Any, value: bool | None) -> None:
     """Restore the flag :func:`first_loop_iter` read (see there)."""
     trainer._logger_connector._first_loop_iter = value
+
+
+def hpc_resume_path(trainer: Any) -> str | None:
+    """The ``hpc_ckpt_N.ckpt`` a SLURM requeue resumes from (the highest N in ``default_root_dir``), or None.
+
+    ``trainer._checkpoint_connector._hpc_resume_path``: what ``Trainer.fit(ckpt_path=None)`` under SLURM and
+    ``ckpt_path="hpc"`` load (``_CheckpointConnector._parse_ckpt_path``). No public way to ask which checkpoint
+    a call will load before it loads it.
+    """
+    return trainer._checkpoint_connector._hpc_resume_path
 
 
 def load_distributed_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -6,8 +6,9 @@ temporary file, then ``shutil.move``: a copy when the temporary directory is on 
 most clusters), and ``ModelParallelStrategy`` writes an FSDP2 checkpoint straight into its directory, so
 replacing ``last.ckpt`` overwrites the previous shards in place. :class:`Trainer` writes every checkpoint
 (``ModelCheckpoint``'s, ``SlurmRequeue``'s, Lightning's own) to ``DIR/.writing/NAME`` instead, on every rank;
-after the write's closing barrier, every rank flushes what it wrote to disk (on a shared file system only the
-writer's client can), then rank 0 renames it to ``DIR/NAME`` (:func:`commit`).
+after the write's closing barrier, rank 0 flushes it to disk and renames it to ``DIR/NAME`` (:func:`commit`); the
+shards of a sharded checkpoint were flushed by the ranks that wrote them (on a shared file system only the
+writing client can), as ``torch.distributed.checkpoint`` does.
 A checkpoint under its own name is therefore always whole, and a ``.writing`` one never is.
 
 A directory cannot replace another in one rename: the old one is first renamed to ``DIR/.replaced/NAME``,
@@ -21,6 +22,7 @@ name of the run directory that contains ``hpc_ckpt_`` (``hpc_ckpt_3.ckpt.tmp`` w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import shutil
@@ -31,8 +33,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 
+from jpeglm._compat import hpc_resume_path
 from jpeglm.errors import UserError
 
 WRITING = ".writing"
@@ -48,11 +52,35 @@ class Trainer(L.Trainer):
     """Lightning's Trainer whose checkpoints appear under their name only once they are whole (module docstring),
     and which refuses to resume ranks from different checkpoints (:class:`SameCheckpointOnEveryRank`)."""
 
+    resume_from: str | None = None
+    """The checkpoint the running ``fit``/``validate``/``test`` loads, as this rank resolved it (None: none)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         callbacks = kwargs.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
         kwargs["callbacks"] = [*callbacks, SameCheckpointOnEveryRank()]
         super().__init__(*args, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        self.resume_from = self._checkpoint_to_load(L.Trainer.fit, args, kwargs)
+        return super().fit(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        self.resume_from = self._checkpoint_to_load(L.Trainer.validate, args, kwargs)
+        return super().validate(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        self.resume_from = self._checkpoint_to_load(L.Trainer.test, args, kwargs)
+        return super().test(*args, **kwargs)
+
+    def _checkpoint_to_load(self, method: Any, args: tuple, kwargs: dict) -> str | None:
+        """The ``ckpt_path`` of this call as Lightning will resolve it where that depends on what this rank sees of
+        the file system: SLURM's ``hpc_ckpt_N`` (given no path under SLURM, or ``"hpc"``). ``"last"`` is resolved
+        by the CLI beforehand (:func:`resolve_last`); other special values are left as given."""
+        path = inspect.signature(method).bind(self, *args, **kwargs).arguments.get("ckpt_path")
+        if path == "hpc" or (path is None and SLURMEnvironment.detect()):
+            path = hpc_resume_path(self) or path
+        return None if path is None else os.fspath(path)
 
     def save_checkpoint(
         self, filepath: str | os.PathLike, weights_only: bool | None = None, storage_options: Any = None
@@ -70,12 +98,10 @@ class Trainer(L.Trainer):
             remove(partial)  # left by a process killed while writing it
             partial.parent.mkdir(parents=True, exist_ok=True)
         self.strategy.barrier("jpeglm: checkpoint write begins")
-        super().save_checkpoint(partial, weights_only, storage_options)  # ends with a barrier: every rank wrote
-        if partial.is_dir() and not self.is_global_zero:
-            # A sharded checkpoint: on a shared file system (NFS, Lustre) only the client that wrote a shard can
-            # flush it, so every rank flushes the directory before rank 0 renames it.
-            _fsync_tree(partial)
-        self.strategy.barrier("jpeglm: checkpoint flushed")
+        # Ends with a barrier: every rank wrote. A sharded checkpoint's shards are flushed by the rank that wrote
+        # each (torch.distributed.checkpoint's FileSystemWriter fsyncs them: on a shared file system only the
+        # writing client can).
+        super().save_checkpoint(partial, weights_only, storage_options)
         if self.is_global_zero:
             commit(partial, final)
         self.strategy.barrier("jpeglm: checkpoint committed")
@@ -84,22 +110,16 @@ class Trainer(L.Trainer):
 class SameCheckpointOnEveryRank(Callback):
     """Stop a run whose ranks are about to load different checkpoints.
 
-    ``--ckpt_path last`` (and SLURM's ``hpc_ckpt_N``) is resolved on every rank before the process group exists
+    ``--ckpt_path last`` and SLURM's ``hpc_ckpt_N`` are resolved on every rank before the process group exists
     (by Lightning too), from what each node's view of a shared file system shows; a stale view (NFS attribute
-    caching) could resume ranks from different steps. Once the checkpoint is loaded and before the first step,
-    rank 0's path is sent to every rank and any difference is an error on all of them: one broadcast and one
-    all-reduce per run.
+    caching) could resume ranks from different steps, or leave one rank out of a sharded load that every rank
+    must join (a hang). In ``setup``, once the group exists and before anything is loaded, rank 0's path
+    (:attr:`Trainer.resume_from`) is sent to every rank and any difference is an error on all of them: one
+    broadcast and one all-reduce per call.
     """
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_same_checkpoint(trainer.strategy, trainer.ckpt_path)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":  # not fit's validation passes: on_train_start checked those
-            check_same_checkpoint(trainer.strategy, trainer.ckpt_path)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_same_checkpoint(trainer.strategy, trainer.ckpt_path)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_same_checkpoint(trainer.strategy, getattr(trainer, "resume_from", None))
 
 
 def check_same_checkpoint(strategy: Any, path: str | os.PathLike | None) -> None:

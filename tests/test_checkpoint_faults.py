@@ -236,25 +236,61 @@ def test_a_directory_replaced_in_two_renames_is_never_lost(tmp_path):
 
 
 class TwoRanks:
-    """What a strategy's collectives return on one rank of two that resolved ``paths`` (rank 0's first)."""
+    """One rank of two whose checkpoint paths are ``paths`` (rank 0's first): the strategy's collectives."""
 
     def __init__(self, paths: list[str | None], rank: int) -> None:
         self.paths, self.global_rank = paths, rank
+        self.broadcasts: list = []
 
     def broadcast(self, obj):
-        return self.paths[0]
+        self.broadcasts.append(obj)
+        return self.paths[0]  # rank 0's object
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         assert not all  # any rank that differs stops every rank
-        return any(path != self.paths[0] for path in self.paths)
+        other = self.paths[1 - self.global_rank]
+        return decision or other != self.paths[0]  # this rank's decision, or the other rank's
 
 
 def test_ranks_that_would_resume_from_different_checkpoints_all_stop():
-    assert any(isinstance(c, SameCheckpointOnEveryRank) for c in Trainer(logger=False).callbacks)
     for paths in (["a/last.ckpt", "a/last.ckpt"], [None, None]):
         for rank in (0, 1):
-            check_same_checkpoint(TwoRanks(paths, rank), paths[rank])
+            check_same_checkpoint(ranks := TwoRanks(paths, rank), paths[rank])
+            assert ranks.broadcasts == [paths[rank]]
     stale = ["a/epoch=0-step=8.ckpt", "a/epoch=0-step=6.ckpt"]  # rank 1's view of the directory is stale
     for rank in (0, 1):  # rank 0 agrees with itself, yet stops too: no rank is left waiting in a collective
         with pytest.raises(UserError, match=r"rank 0: a/epoch=0-step=8\.ckpt; rank \d: a/epoch=0-step=\d\.ckpt"):
             check_same_checkpoint(TwoRanks(stale, rank), stale[rank])
+    with pytest.raises(UserError, match="rank 1: None"):  # rank 1 saw no checkpoint at all
+        check_same_checkpoint(TwoRanks(["a/last.ckpt", None], 1), None)
+
+
+@pytest.mark.filterwarnings("ignore:The `srun` command is available")
+def test_the_ranks_compare_their_checkpoint_before_anything_is_loaded(tmp_path, monkeypatch):
+    """The comparison runs in ``setup``, before Lightning loads the checkpoint (a sharded load needs every rank:
+    a rank that skipped it would hang the others), with the path as given or as SLURM's requeue resolves it."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    import jpeglm.trainer
+
+    seen = []
+
+    def stop(strategy, path):
+        seen.append(path)
+        raise UserError("compared")
+
+    monkeypatch.setattr(jpeglm.trainer, "check_same_checkpoint", stop)
+    missing = tmp_path / "nowhere.ckpt"  # loading it would raise FileNotFoundError: the check comes first
+    trainer = Trainer(logger=False, max_steps=1, enable_progress_bar=False, enable_model_summary=False)
+    assert any(isinstance(c, SameCheckpointOnEveryRank) for c in trainer.callbacks)
+    for call in (trainer.fit, trainer.validate, trainer.test):
+        with pytest.raises(UserError, match="compared"):
+            call(BoringModel(), ckpt_path=str(missing))
+    assert seen == [str(missing)] * 3
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"")  # a SLURM requeue with no ckpt_path resumes from this
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    requeued = Trainer(logger=False, default_root_dir=tmp_path, max_steps=1, enable_progress_bar=False)
+    with pytest.raises(UserError, match="compared"):
+        requeued.fit(BoringModel())
+    assert seen[-1] == str(tmp_path / "hpc_ckpt_3.ckpt")

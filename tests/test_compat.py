@@ -177,6 +177,16 @@ def _trainer_flag() -> bool:
     return _has_path(trainer, "_logger_connector._first_loop_iter") and mirrored
 
 
+def _hpc_resume_path() -> bool:
+    import lightning as L
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    # What Trainer.fit loads under SLURM when given no ckpt_path, and for ckpt_path="hpc".
+    used = "self._hpc_resume_path" in inspect.getsource(_CheckpointConnector._parse_ckpt_path)
+    return _has_path(trainer, "_checkpoint_connector._hpc_resume_path") and used
+
+
 def _compiled_prefix() -> bool:
     return all(k.startswith("_orig_mod.") for k in torch.compile(nn.Linear(2, 2)).state_dict())
 
@@ -226,6 +236,7 @@ EXISTS = {
     "litdata.CombinedStreamingDataset._weights": lambda d: _has_path(d[1], "_weights"),
     "litdata.CombinedStreamingDataset._num_samples_yielded": lambda d: _has_path(d[1], "_num_samples_yielded"),
     "lightning.pytorch.Trainer._logger_connector._first_loop_iter": lambda d: _trainer_flag(),
+    "lightning.pytorch.Trainer._checkpoint_connector._hpc_resume_path": lambda d: _hpc_resume_path(),
     "lightning.fabric.utilities.load._load_distributed_checkpoint": lambda d: _module_attribute(
         "lightning.fabric.utilities.load", "_load_distributed_checkpoint"
     ),
