@@ -117,15 +117,15 @@ SECRET_FIELDS = frozenset({"secret_access_key"})
 
 class SaveConfigWithoutSecrets(SaveConfigCallback):
     """Lightning's ``config.yaml`` of the run with every secret (:data:`SECRET_FIELDS`, e.g. an S3 secret key given
-    as ``--data.init_args.storage.secret_access_key``) replaced by ``***``: the run directory is often shared, and
-    copied with the checkpoints. A run started again from that file reads the secret from the environment
-    (``AWS_SECRET_ACCESS_KEY``) once the ``***`` is removed."""
+    as ``--data.init_args.storage.secret_access_key``) left unset (null): the run directory is often shared, and
+    copied with the checkpoints. A run started again from that file (``--config .../config.yaml``, as a requeue
+    does) takes the secret from the environment (``AWS_SECRET_ACCESS_KEY``), or from the command line again."""
 
     def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         masked = config.clone()
         for key in masked.keys():  # noqa: SIM118 - the nested, dotted keys (iterating gives the top level)
             if key.rsplit(".", 1)[-1] in SECRET_FIELDS and masked[key] is not None:
-                masked[key] = "***"
+                masked[key] = None
         super().__init__(parser, masked, *args, **kwargs)
 
 
