@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
+from test_train import prepared_crops
 
 from jpeglm.checkpoints import consolidate, load_checkpoint
 from jpeglm.errors import UserError
 from jpeglm.model import CodecLM
-from jpeglm.prepare import prepare
 from jpeglm.trainer import (
     REPLACED,
     WRITING,
@@ -50,22 +49,7 @@ SHARDED = {
 @pytest.fixture(scope="module")
 def data(photos, tmp_path_factory) -> Path:
     """16 prepared 64x64 JPEG crops of the fixture photos: enough blocks for 3 steps on two ranks."""
-    root = tmp_path_factory.mktemp("fault_data")
-    (root / "in").mkdir()
-    for i in range(16):
-        im = Image.open(photos[i % len(photos)]).convert("RGB")
-        shift = (i // len(photos)) * 11
-        im.crop((shift, shift, shift + 220, shift + 220)).resize((64, 64)).save(root / "in" / f"{i}.png")
-    prepare(
-        "jpeg",
-        [root / "in"],
-        root / "data",
-        val_fraction=0.2,
-        num_workers=1,
-        progress=False,
-        codec_options={"size": 64},
-    )
-    return root / "data"
+    return prepared_crops(photos, tmp_path_factory.mktemp("fault_data"), 16, val_fraction=0.2)
 
 
 def config(tmp_path: Path, data_dir: Path, **trainer) -> Path:

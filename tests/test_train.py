@@ -27,25 +27,23 @@ TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_query_groups": 2, "intermedi
 FIT = [sys.executable, "-m", "jpeglm.cli", "fit"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(photos, tmp_path_factory) -> Path:
-    """64x64 JPEG crops of the fixture photos, prepared (a few hundred tokens each)."""
-    root = tmp_path_factory.mktemp("train_data")
+def prepared_crops(photos: list[Path], root: Path, count: int, val_fraction: float) -> Path:
+    """``count`` 64x64 JPEG crops of the fixture photos (shifted by 11 pixels each round), prepared under
+    ``root / "data"`` (a few hundred tokens each)."""
     (root / "in").mkdir()
-    for i in range(48):
+    for i in range(count):
         im = Image.open(photos[i % len(photos)]).convert("RGB")
         shift = (i // len(photos)) * 11
         im.crop((shift, shift, shift + 220, shift + 220)).resize((64, 64)).save(root / "in" / f"{i}.png")
-    prepare(
-        "jpeg",
-        [root / "in"],
-        root / "data",
-        val_fraction=0.15,
-        num_workers=1,
-        progress=False,
-        codec_options={"size": 64},
-    )
+    options = {"val_fraction": val_fraction, "num_workers": 1, "progress": False, "codec_options": {"size": 64}}
+    prepare("jpeg", [root / "in"], root / "data", **options)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(photos, tmp_path_factory) -> Path:
+    """48 prepared crops of the fixture photos."""
+    return prepared_crops(photos, tmp_path_factory.mktemp("train_data"), 48, val_fraction=0.15)
 
 
 def write_config(path: Path, data_dir: Path, run_dir: Path, **trainer) -> Path:
