@@ -160,8 +160,10 @@ def test_fetch_inputs_brings_an_object_or_a_prefix(s3_server, photos, cache):
     assert single.read_bytes() == photos[1].read_bytes()
     assert cache in folder.parents
     store.delete(f"sub/{photos[0].name}")  # gone from the store: its old copy must not come back as an input
+    downloading = folder / "sub" / f".{photos[1].name}.host.7.ab12cd34.tmp.5F3a9B2c"  # another process's, half-way
+    downloading.write_bytes(b"partial")
     (again,) = fetch_inputs([url], IMAGE_EXTENSIONS, s3_server.options)
-    assert [p.name for p in Path(again).rglob("*") if p.is_file()] == [photos[1].name]
+    assert sorted(p.name for p in Path(again).rglob("*") if p.is_file()) == [downloading.name, photos[1].name]
     with pytest.raises(UserError, match="s3://pics/nothing: no object there"):
         fetch_inputs([s3_server.bucket("pics") + "/nothing"], IMAGE_EXTENSIONS, s3_server.options)
 
