@@ -700,6 +700,9 @@ class _PartWriter:
             "tokenizers": tokenizers,
         }
         _store_json(self.job.store, _part_key(self.part), record)
+
+    def release(self) -> None:
+        """Delete the temporary directory and give up its lock (after :meth:`close`, or instead of it)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.lock.close()
 
@@ -708,38 +711,39 @@ def _claim_tmp(work: Path, part: int) -> tuple[Path, Any]:
     """This process's temporary directory for ``part`` and the open file whose lock marks it in use.
 
     The work area of a local output is shared by every node, and two processes may write one part at once (a
-    re-run as one node while another is still going): each writes in its own directory and publishes whole
-    files. Directories of the part that this machine's killed runs left are removed: their lock is free (the
-    kernel drops a lock with its process); one without a lock file yet is removed only when its process is gone.
+    re-run as one node while another is still going): each writes in a directory of its own (host, process and a
+    random suffix) and publishes whole files. Directories of the part that this machine's killed runs left are
+    removed: their lock is free (the kernel drops a lock with its process) and their process is gone.
     """
     prefix = f"tmp-part-{part:06d}-{socket.gethostname()}-"
     for old in work.glob(f"tmp-part-{part:06d}-*"):
-        pid = old.name[len(prefix) :]
+        pid = old.name[len(prefix) :].split("-")[0]
         if old.name.startswith(prefix) and pid.isdigit() and _abandoned(old, int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    tmp = work / f"{prefix}{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = work / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
     lock = open(tmp / ".lock", "w")  # noqa: SIM115 - held until the part is published
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
     return tmp, lock
 
 
 def _abandoned(directory: Path, pid: int) -> bool:
-    """Whether no running process of this machine writes in ``directory`` (see :func:`_claim_tmp`)."""
+    """Whether no running process of this machine writes in ``directory``: nobody holds its lock (or it has none
+    yet) and its process ``pid`` has ended (a live one may be between creating the lock file and locking it)."""
     try:
         with open(directory / ".lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
     except BlockingIOError:
         return False
-    except FileNotFoundError:  # between its mkdir and its lock, or killed there
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # another user's process
-            return False
+    except FileNotFoundError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
         return False
+    return False
 
 
 def _is_val(key: str, val_fraction: float) -> bool:
@@ -784,14 +788,17 @@ def _run_parts(job: _Job, tok: CodecTokenizer, num_workers: int, progress: bool)
         next(results)  # the workers start (none when this node's share is all written)
     for part in todo:
         writer = _PartWriter(job, part)
-        for _ in range(len(job.part_items(part))):
-            sample = next(results)
-            writer.add(sample)
-            counts["processed"] += 1
-            counts["skipped"] += sample.ids is None
-            bar.update(1)
-            bar.set_postfix(skipped=counts["skipped"], refresh=False)
-        writer.close(tokenizers)
+        try:
+            for _ in range(len(job.part_items(part))):
+                sample = next(results)
+                writer.add(sample)
+                counts["processed"] += 1
+                counts["skipped"] += sample.ids is None
+                bar.update(1)
+                bar.set_postfix(skipped=counts["skipped"], refresh=False)
+            writer.close(tokenizers)
+        finally:
+            writer.release()  # also on an error: a re-run in this process finds the directory abandoned
     results.close()
     bar.close()
     return counts

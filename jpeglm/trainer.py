@@ -22,6 +22,7 @@ name of the run directory that contains ``hpc_ckpt_`` (``hpc_ckpt_3.ckpt.tmp`` w
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import re
@@ -61,26 +62,30 @@ class Trainer(L.Trainer):
         kwargs["callbacks"] = [*callbacks, SameCheckpointOnEveryRank()]
         super().__init__(*args, **kwargs)
 
+    # Lightning's signatures and docs (functools.wraps): LightningCLI reads a subcommand's options from them.
+    @functools.wraps(L.Trainer.fit)
     def fit(self, *args: Any, **kwargs: Any) -> None:
-        self.resume_from = self._checkpoint_to_load(L.Trainer.fit, args, kwargs)
-        return super().fit(*args, **kwargs)
+        return self._resolved(L.Trainer.fit, args, kwargs)
 
+    @functools.wraps(L.Trainer.validate)
     def validate(self, *args: Any, **kwargs: Any) -> Any:
-        self.resume_from = self._checkpoint_to_load(L.Trainer.validate, args, kwargs)
-        return super().validate(*args, **kwargs)
+        return self._resolved(L.Trainer.validate, args, kwargs)
 
+    @functools.wraps(L.Trainer.test)
     def test(self, *args: Any, **kwargs: Any) -> Any:
-        self.resume_from = self._checkpoint_to_load(L.Trainer.test, args, kwargs)
-        return super().test(*args, **kwargs)
+        return self._resolved(L.Trainer.test, args, kwargs)
 
-    def _checkpoint_to_load(self, method: Any, args: tuple, kwargs: dict) -> str | None:
-        """The ``ckpt_path`` of this call as Lightning will resolve it where that depends on what this rank sees of
-        the file system: SLURM's ``hpc_ckpt_N`` (given no path under SLURM, or ``"hpc"``). ``"last"`` is resolved
-        by the CLI beforehand (:func:`resolve_last`); other special values are left as given."""
-        path = inspect.signature(method).bind(self, *args, **kwargs).arguments.get("ckpt_path")
+    def _resolved(self, method: Any, args: tuple, kwargs: dict) -> Any:
+        """Call Lightning's ``method`` with its ``ckpt_path`` resolved here where that depends on what this rank
+        sees of the file system: SLURM's ``hpc_ckpt_N`` (given no path under SLURM, or ``"hpc"``), passed on as
+        that path, so the one compared (:attr:`resume_from`) is the one loaded. ``"last"`` is resolved by the CLI
+        beforehand (:func:`resolve_last`); other values are passed on as given."""
+        call = inspect.signature(method).bind(self, *args, **kwargs)
+        path = call.arguments.get("ckpt_path")
         if path == "hpc" or (path is None and SLURMEnvironment.detect()):
-            path = hpc_resume_path(self) or path
-        return None if path is None else os.fspath(path)
+            path = call.arguments["ckpt_path"] = hpc_resume_path(self) or path
+        self.resume_from = None if path is None else os.fspath(path)
+        return method(*call.args, **call.kwargs)
 
     def save_checkpoint(
         self, filepath: str | os.PathLike, weights_only: bool | None = None, storage_options: Any = None

@@ -172,26 +172,32 @@ def test_a_part_directory_is_removed_only_when_its_writer_is_gone(tmp_path):
 
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = dead.stdout.strip(), os.getppid()
     dirs = {
-        "locked": tmp_path / f"tmp-part-000003-{host}-1000001",  # a live writer holds its lock
-        "unlocked": tmp_path / f"tmp-part-000003-{host}-1000002",  # its writer was killed: the lock is free
-        "dead, no lock": tmp_path / f"tmp-part-000003-{host}-{dead.stdout.strip()}",
-        "live, no lock yet": tmp_path / f"tmp-part-000003-{host}-{os.getppid()}",
-        "another host": tmp_path / f"tmp-part-000003-{host}-ib-1000003",
-        "another part": tmp_path / f"tmp-part-000004-{host}-1000004",
+        "locked": tmp_path / f"tmp-part-000003-{host}-{dead}-a1",  # its writer holds the lock (pid seen elsewhere)
+        "unlocked, dead": tmp_path / f"tmp-part-000003-{host}-{dead}-a2",  # killed: lock free, process gone
+        "no lock, dead": tmp_path / f"tmp-part-000003-{host}-{dead}-a3",
+        "unlocked, live": tmp_path / f"tmp-part-000003-{host}-{live}-a4",  # may be about to lock it
+        "another host": tmp_path / f"tmp-part-000003-{host}-ib-{dead}-a5",
+        "another part": tmp_path / f"tmp-part-000004-{host}-{dead}-a6",
     }
     for directory in dirs.values():
         directory.mkdir()
-    for name in ("locked", "unlocked", "another host", "another part"):
+    for name in ("locked", "unlocked, dead", "unlocked, live", "another host", "another part"):
         (dirs[name] / ".lock").touch()
     with open(dirs["locked"] / ".lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         mine, lock = _claim_tmp(tmp_path, 3)
-    lock.close()
-    assert mine == tmp_path / f"tmp-part-000003-{host}-{os.getpid()}"
+        again, second = _claim_tmp(tmp_path, 3)  # this process again, the first still open: no wait, no clash
     assert {name for name, d in dirs.items() if d.exists()} == {
         "locked",
-        "live, no lock yet",
+        "unlocked, live",
         "another host",
         "another part",
     }
+    assert mine.name.startswith(f"tmp-part-000003-{host}-{os.getpid()}-")
+    assert again != mine
+    assert mine.is_dir()
+    assert again.is_dir()
+    lock.close()
+    second.close()
