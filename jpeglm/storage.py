@@ -34,6 +34,8 @@ __all__ = [
     "is_remote",
     "litdata_storage_options",
     "open_store",
+    "scratch",
+    "scratch_path",
 ]
 
 CACHE_ENV = "JPEGLM_CACHE"
@@ -88,9 +90,14 @@ class Store:
         return f"{self.url.rstrip('/')}/{key}"
 
 
+def scratch_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: a hidden name of this host and process's own."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def scratch(path: Path) -> bool:
-    """Whether ``path`` is a temporary file of :meth:`LocalStore.write_bytes` or :meth:`S3Store.get_file` (a hidden
-    name with ``.tmp`` in it): not an object, whether its writer is still going or was killed."""
+    """Whether ``path`` is a temporary file (:func:`scratch_path`, and what boto3 appends to one while it
+    downloads): not an object, whether its writer is still going or was killed."""
     return path.name.startswith(".") and ".tmp" in path.name
 
 
@@ -115,7 +122,7 @@ class LocalStore(Store):
         target.parent.mkdir(parents=True, exist_ok=True)
         # A name of this process's own: two nodes writing one key at once on a shared file system each rename a
         # whole file of their own into place, and the last rename wins.
-        tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = scratch_path(target)
         try:
             tmp.write_bytes(data)
             os.replace(tmp, target)
@@ -308,7 +315,7 @@ class S3Store(Store):
     def get_file(self, key: str, local: Path) -> None:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = scratch_path(local)
         with self.errors(key):
             self.client.download_file(self.bucket, self.key(key), str(tmp))
         os.replace(tmp, local)
