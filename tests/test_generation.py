@@ -334,9 +334,11 @@ def test_kv_cache_bytes_is_the_allocated_cache():
     assert sampling.kv_cache_bytes(config, 3, 50, torch.bfloat16) == 2 * 3 * 3 * 2 * 50 * 16 * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [4, 2, 1])  # multi-head, grouped-query and multi-query attention
-def test_the_decode_step_is_litgpt_s_forward(groups):
-    """jpeglm.generation.decode: one cached position without litgpt's module calls gives litgpt's logits and cache."""
+def test_the_decode_step_is_litgpt_s_forward(groups, dtype):
+    """jpeglm.generation.decode: one cached position without litgpt's module calls gives litgpt's logits and cache
+    (its attention on CPU is two matrix products, not litgpt's fused kernel: equal within rounding, bf16 too)."""
     from litgpt import GPT, Config
 
     from jpeglm.generation import decode
@@ -347,21 +349,23 @@ def test_the_decode_step_is_litgpt_s_forward(groups):
         rotary_percentage=1.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    ours, theirs = GPT(config).eval(), GPT(config).eval()
+    ours, theirs = GPT(config).eval().to(dtype), GPT(config).eval().to(dtype)
     theirs.load_state_dict(ours.state_dict())
     assert decode.supports(ours)
     tokens = torch.randint(0, 50, (3, 12))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a few units in its last place (2^-8)
     with torch.inference_mode():
         for model in (ours, theirs):
-            model.set_kv_cache(batch_size=3, max_seq_length=32)
+            model.set_kv_cache(batch_size=3, max_seq_length=32, dtype=dtype)
             model(tokens[:, :8], input_pos=torch.arange(8), input_pos_maxp1=8)  # prefill: litgpt's forward
         for pos in range(8, 12):
             mine = decode.decode_step(ours, tokens[:, pos], pos)
             reference = theirs(tokens[:, pos : pos + 1], input_pos=torch.tensor([pos]), input_pos_maxp1=pos + 1)
-            torch.testing.assert_close(mine, reference[:, -1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine, reference[:, -1], rtol=tolerance, atol=tolerance)
+            assert mine.dtype == dtype
     for a, b in zip(ours.transformer.h, theirs.transformer.h, strict=True):
-        torch.testing.assert_close(a.attn.kv_cache.k[:, :, :12], b.attn.kv_cache.k[:, :, :12])
-        torch.testing.assert_close(a.attn.kv_cache.v[:, :, :12], b.attn.kv_cache.v[:, :, :12])
+        for mine, reference in ((a.attn.kv_cache.k, b.attn.kv_cache.k), (a.attn.kv_cache.v, b.attn.kv_cache.v)):
+            torch.testing.assert_close(mine[:, :, :12], reference[:, :, :12], rtol=tolerance, atol=tolerance)
     assert not decode.supports(GPT(Config.from_name("pythia-14m")))  # LayerNorm, GELU, parallel residual: litgpt's
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -472,7 +473,7 @@ def _generate(
         gpt.set_kv_cache(batch_size=len(prompts), max_seq_length=total, device=device, dtype=compute_dtype(gpt))
     forward = _cached_forward if use_kv_cache else _full_forward
     if use_kv_cache and decode.supports(gpt):  # one position per step without litgpt's per-module overhead
-        forward = _decode_forward
+        forward = functools.partial(_decode_forward, layers=decode.plan(gpt))
     twins = len(prompts) if sampler.guidance is None else len(sampler.guidance.prompts)  # rows >= twins: guidance
     start = min(lengths)
     logits = _prefill(gpt, tokens, start, use_kv_cache, lag)  # (A, padded V)
@@ -551,11 +552,11 @@ def _cached_forward(
 
 
 def _decode_forward(
-    gpt: GPT, tokens: torch.Tensor, begin: int, end: int, lag: torch.Tensor | None = None
+    gpt: GPT, tokens: torch.Tensor, begin: int, end: int, lag: torch.Tensor | None = None, layers: list | None = None
 ) -> torch.Tensor:
-    """:func:`_cached_forward` of one step (``end == begin + 1``): :func:`.decode.decode_step`."""
+    """:func:`_cached_forward` of one step (``end == begin + 1``): :func:`.decode.decode_step` on its ``layers``."""
     pos = begin if lag is None else _positions(begin, end, lag, tokens.device)[:, 0]  # int, or (A,) per row
-    return decode.decode_step(gpt, tokens[:, begin], pos)
+    return decode.decode_step(gpt, tokens[:, begin], pos, layers)
 
 
 def _full_forward(
