@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jpeglm.errors import UserError
-from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, SPECIAL_TOKENS, CodecTokenizer
+from jpeglm.tokenizer import BOS_ID, EOS_ID, MODALITIES, NUM_SPECIAL, SPECIAL_TOKENS, CodecTokenizer, _build
 
 RST = re.compile(rb"\xff[\xd0-\xd7]")
 START_CODE = re.compile(rb"\x00\x00\x00?\x01")
@@ -153,3 +153,22 @@ def test_train_arguments_are_checked(jpeg_streams):
         CodecTokenizer.train(jpeg_streams, "jpeg", 100)
     with pytest.raises(ValueError, match="modality"):
         CodecTokenizer.train(jpeg_streams, "audio", 300)
+
+
+def test_jpeg_encoding_skips_the_marker_cut_only_where_the_merges_cannot_cross_it(jpeg_tokenizer, jpeg_streams):
+    """The cut at restart markers is skipped for speed when no merge can join across a marker (the same ids), and
+    kept for a merge list that could: here a merge of the marker byte D0 with the byte after it."""
+    cut = jpeg_tokenizer.tokenizer  # as saved: with the Split pre-tokenizer
+    assert cut.pre_tokenizer is not None
+    assert jpeg_tokenizer._encoder.pre_tokenizer is None
+    streams = jpeg_streams + fuzz_strings(1)
+    texts = [s.decode("latin-1") for s in streams]
+    assert jpeg_tokenizer.encode_batch(streams) == [e.ids for e in cut.encode_batch(texts, add_special_tokens=False)]
+    assert [jpeg_tokenizer.encode(s, add_special_tokens=True) for s in streams[:3]] == [
+        e.ids for e in cut.encode_batch(texts[:3], add_special_tokens=True)
+    ]
+    crossing = CodecTokenizer(_build([("\xd0", "A")], "jpeg"), "jpeg")  # "Ð" + "A" could join across FF D0
+    assert crossing._encoder.pre_tokenizer is not None
+    assert crossing.encode(b"\xff\xd0A") == [NUM_SPECIAL + 0xFF, NUM_SPECIAL + 0xD0, NUM_SPECIAL + ord("A")]
+    inside = CodecTokenizer(_build([("\xd0", "A")], "jpeg"), "jpeg").encode(b"\x01\xd0A")  # no marker: merged
+    assert inside == [NUM_SPECIAL + 1, NUM_SPECIAL + 256]
