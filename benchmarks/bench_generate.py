@@ -93,6 +93,7 @@ def hf_greedy(hf, prompts: list[list[int]], new_tokens: int, vocab: int, device:
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # no early stop, whatever eos the installed transformers assumes
             do_sample=False,
             pad_token_id=0,
             suppress_tokens=list(range(vocab, hf.config.vocab_size)),  # the head's padding rows are no ids
