@@ -35,6 +35,7 @@ __all__ = [
     "COLOUR_NAMES",
     "SyntheticDataModule",
     "caption_colours",
+    "caption_pattern",
     "palette",
     "procedural_caption",
     "procedural_clip",
@@ -88,6 +89,12 @@ _PLACES = (("top left", "top", "top right"), ("left", "centre", "right"), ("bott
 def palette() -> np.ndarray:
     """(16, 3) uint8: the colours of the pictures, in the order of :data:`COLOUR_NAMES`."""
     return _PALETTE.astype(np.uint8)
+
+
+def caption_pattern(caption: str) -> str:
+    """The background pattern a :func:`procedural_caption` names: "plain", "gradient" or "striped" ("" if none)."""
+    background = caption.rpartition(" on ")[2].split()
+    return next((word for word in ("plain", "gradient", "striped") if word in background), "")
 
 
 def caption_colours(caption: str) -> tuple[list[str], list[str]]:

@@ -6,7 +6,8 @@ For models trained on the built-in captioned pictures (``SyntheticDataModule(cap
 guidance scale (the same seed at every scale, so the columns differ by the scale only), then read back:
 
 - background agreement: the most common palette colour of the picture's border (the outer 4 pixels; each pixel
-  taken to its nearest palette colour) is one the caption gives the background;
+  taken to its nearest palette colour) is one the caption gives the background; also by the pattern the caption
+  names (plain, gradient, striped), since a small model draws plain backgrounds best;
 - shape colour agreement: for each shape the caption names, its colour covers at least 1% of the picture (nearest
   palette colour), counted over all named shapes.
 
@@ -99,36 +100,45 @@ def evaluate_captions(
 def summary(rows: list[dict[str, Any]]) -> str:
     """The agreement table, one line per guidance scale."""
     lines = [
-        "cfg scale | background | shuffled | palette | shape colour | shuffled | complete | tokens/s",
-        "--- | --- | --- | --- | --- | --- | --- | ---",
+        "cfg scale | background | plain / gradient / striped | shuffled | palette | shape colour | shuffled | "
+        "complete | tokens/s",
+        "--- | --- | --- | --- | --- | --- | --- | --- | ---",
     ]
     for r in rows:
+        patterns = " / ".join(f"{share:.0%}" for share in r["background_by_pattern"].values()) or "n/a"
         lines.append(
-            f"{r['cfg_scale']:g} | {r['background']:.0%} | {r['background_shuffled']:.0%} | "
+            f"{r['cfg_scale']:g} | {r['background']:.0%} | {patterns} | {r['background_shuffled']:.0%} | "
             f"{r['background_palette']:.0%} | {r['shape']:.0%} | {r['shape_shuffled']:.0%} | {r['complete']:.0%} | "
             f"{r['tokens_per_s']:.0f}"
         )
     return "\n".join(lines)
 
 
-def agreement(pictures: list[np.ndarray], captions: list[str]) -> dict[str, float]:
+def agreement(pictures: list[np.ndarray], captions: list[str]) -> dict[str, Any]:
     """Shares of pictures whose border colour, and of named shapes whose colour, agree with their caption; the
-    same against the next caption (``_shuffled``), and the background's palette chance."""
-    from jpeglm.data_modules.synthetic import COLOUR_NAMES, caption_colours
+    background's share by the pattern the caption names (``background_by_pattern``: plain, gradient, striped, those
+    present); the same against the next caption (``_shuffled``), and the background's palette chance."""
+    from jpeglm.data_modules.synthetic import COLOUR_NAMES, caption_colours, caption_pattern
 
     named = [caption_colours(c) for c in captions]
     colours = [_nearest_palette(p) for p in pictures]  # (H, W) palette indices
     shifted = named[1:] + named[:1]
 
-    def scores(against: list[tuple[list[str], list[str]]]) -> tuple[float, float]:
-        background = [COLOUR_NAMES[_border_colour(c)] in bg for c, (bg, _) in zip(colours, against, strict=True)]
+    def scores(against: list[tuple[list[str], list[str]]], drawn: list[np.ndarray] = colours) -> tuple[float, float]:
+        background = [COLOUR_NAMES[_border_colour(c)] in bg for c, (bg, _) in zip(drawn, against, strict=True)]
         shapes = [
             np.mean(c == COLOUR_NAMES.index(name)) >= 0.01
-            for c, (_, names) in zip(colours, against, strict=True)
+            for c, (_, names) in zip(drawn, against, strict=True)
             for name in names
         ]
-        return float(np.mean(background)), float(np.mean(shapes))
+        return float(np.mean(background)), float(np.mean(shapes)) if shapes else float("nan")
 
+    patterns = [caption_pattern(c) for c in captions]
+    by_pattern = {
+        pattern: scores([named[i] for i in chosen], [colours[i] for i in chosen])[0]
+        for pattern in ("plain", "gradient", "striped")
+        if (chosen := [i for i, p in enumerate(patterns) if p == pattern])
+    }
     background, shape = scores(named)
     background_shuffled, shape_shuffled = scores(shifted)
     palette_chance = float(np.mean([len(set(bg)) / len(COLOUR_NAMES) for bg, _ in named]))
@@ -136,6 +146,7 @@ def agreement(pictures: list[np.ndarray], captions: list[str]) -> dict[str, floa
         "background": background,
         "background_shuffled": background_shuffled,
         "background_palette": palette_chance,
+        "background_by_pattern": by_pattern,
         "shape": shape,
         "shape_shuffled": shape_shuffled,
     }

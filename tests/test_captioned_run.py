@@ -15,7 +15,14 @@ from jpeglm.callbacks import SampleGallery
 from jpeglm.caption_eval import agreement
 from jpeglm.cli import main
 from jpeglm.codecs import JpegCodec
-from jpeglm.data_modules.synthetic import procedural_caption, procedural_image
+from jpeglm.data_modules.synthetic import (
+    COLOUR_NAMES,
+    caption_colours,
+    caption_pattern,
+    palette,
+    procedural_caption,
+    procedural_image,
+)
 from jpeglm.export import export
 from jpeglm.generation.sampling import kv_cache_bytes
 from jpeglm.tokenizer import CodecTokenizer
@@ -111,6 +118,14 @@ def test_agreement_reads_the_colours_of_pictures_that_match_their_captions(tmp_p
         captions.append(procedural_caption(5, index, 64))
     scores = agreement(pictures, captions)
     assert scores["background"] == 1.0
+    assert scores["background_by_pattern"] == {"plain": 1.0, "gradient": 1.0, "striped": 1.0}
+    painted = []  # the caption's colour where it asks for a plain background, another colour elsewhere
+    for caption in captions:
+        background = caption_colours(caption)[0]
+        other = next(name for name in COLOUR_NAMES if name not in background)
+        colour = background[0] if caption_pattern(caption) == "plain" else other
+        painted.append(np.broadcast_to(palette()[COLOUR_NAMES.index(colour)], (64, 64, 3)).copy())
+    assert agreement(painted, captions)["background_by_pattern"] == {"plain": 1.0, "gradient": 0.0, "striped": 0.0}
     assert scores["shape"] > 0.9
     assert scores["background_shuffled"] < 0.4
     assert scores["background_palette"] < 0.2
