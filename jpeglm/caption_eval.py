@@ -105,7 +105,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
         "--- | --- | --- | --- | --- | --- | --- | --- | ---",
     ]
     for r in rows:
-        patterns = " / ".join(f"{share:.0%}" for share in r["background_by_pattern"].values()) or "n/a"
+        patterns = " / ".join("n/a" if v is None else f"{v:.0%}" for v in r["background_by_pattern"].values())
         lines.append(
             f"{r['cfg_scale']:g} | {r['background']:.0%} | {patterns} | {r['background_shuffled']:.0%} | "
             f"{r['background_palette']:.0%} | {r['shape']:.0%} | {r['shape_shuffled']:.0%} | {r['complete']:.0%} | "
@@ -116,8 +116,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def agreement(pictures: list[np.ndarray], captions: list[str]) -> dict[str, Any]:
     """Shares of pictures whose border colour, and of named shapes whose colour, agree with their caption; the
-    background's share by the pattern the caption names (``background_by_pattern``: plain, gradient, striped, those
-    present); the same against the next caption (``_shuffled``), and the background's palette chance."""
+    background's share by the pattern the caption names (``background_by_pattern``: plain, gradient, striped; None
+    for one no caption names); the same against the next caption (``_shuffled``); the background's palette chance.
+    """
     from jpeglm.data_modules.synthetic import COLOUR_NAMES, caption_colours, caption_pattern
 
     named = [caption_colours(c) for c in captions]
@@ -134,11 +135,10 @@ def agreement(pictures: list[np.ndarray], captions: list[str]) -> dict[str, Any]
         return float(np.mean(background)), float(np.mean(shapes)) if shapes else float("nan")
 
     patterns = [caption_pattern(c) for c in captions]
-    by_pattern = {
-        pattern: scores([named[i] for i in chosen], [colours[i] for i in chosen])[0]
-        for pattern in ("plain", "gradient", "striped")
-        if (chosen := [i for i, p in enumerate(patterns) if p == pattern])
-    }
+    by_pattern = {}
+    for pattern in ("plain", "gradient", "striped"):
+        chosen = [i for i, p in enumerate(patterns) if p == pattern]
+        by_pattern[pattern] = scores([named[i] for i in chosen], [colours[i] for i in chosen])[0] if chosen else None
     background, shape = scores(named)
     background_shuffled, shape_shuffled = scores(shifted)
     palette_chance = float(np.mean([len(set(bg)) / len(COLOUR_NAMES) for bg, _ in named]))
