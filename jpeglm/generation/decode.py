@@ -8,8 +8,8 @@ computes for one new position, for the configurations :func:`supports` accepts (
 same order of operations, except attention on CPU: two matrix products instead of the fused kernel, equal within
 rounding (``tests/test_generation.py`` checks the logits in fp32 and bf16; ``benchmarks/bench_generate.py`` checks
 that greedy ids equal Hugging Face's). It reads the modules' weights once per generation (:func:`plan`) and
-writes litgpt's own ``KVCache`` buffers, so prefill (litgpt's forward) and decoding share one cache. Anything else (other architectures, FSDP2-sharded or compiled blocks) uses litgpt's
-forward unchanged.
+writes litgpt's own ``KVCache`` buffers, so prefill (litgpt's forward) and decoding share one cache. Anything
+else (other architectures, FSDP2-sharded or compiled blocks) uses litgpt's forward unchanged.
 """
 
 from __future__ import annotations
