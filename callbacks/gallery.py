@@ -177,6 +177,7 @@ class SampleGallery(EveryNSteps):
             unconstrained, as the paper samples.
         num_captions: held-out captions drawn (``samples/<modality>/captions``), for images trained with captions.
         cfg_scales: the classifier-free guidance scales each caption is drawn at, one column each (1.0: none).
+        cfg_start: new tokens each caption's picture draws before guidance starts (0: from the first).
     """
 
     def __init__(
@@ -193,10 +194,12 @@ class SampleGallery(EveryNSteps):
         constrain: bool = True,
         num_captions: int = 4,
         cfg_scales: tuple[float, ...] = (1.0, 3.0),
+        cfg_start: int = 0,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_captions = num_captions
         self.cfg_scales = tuple(cfg_scales)
+        self.cfg_start = cfg_start
         self.num_prompts = num_prompts
         self.ratios = tuple(ratios)
         self.num_unconditional = num_unconditional
@@ -264,7 +267,10 @@ class SampleGallery(EveryNSteps):
             requests.append(("unconditional", {"num_samples": self.num_unconditional}))
         captions = held_out_captions(modality, self.num_captions)
         requests += [
-            (f"captions_cfg_{s:g}", {"captions": captions, "cfg_scale": s, "batch_size": len(captions)})
+            (
+                f"captions_cfg_{s:g}",
+                {"captions": captions, "cfg_scale": s, "cfg_start": self.cfg_start, "batch_size": len(captions)},
+            )
             for s in self.cfg_scales
             if captions
         ]

@@ -45,6 +45,7 @@ def generate_samples(
     prompt_text: list[str] | None = None,
     prompt_file: str | None = None,
     cfg_scale: float = 1.0,
+    cfg_start: int = 0,
     ratio: float = 0.5,
     num_samples: int = 8,
     max_new_tokens: int | None = None,
@@ -70,6 +71,7 @@ def generate_samples(
         prompt_text: Captions to draw, num_samples of each (with prompt images: one for all, or one per image).
         prompt_file: A text file of captions, one per line, drawn like prompt_text.
         cfg_scale: Classifier-free guidance scale for captions (1.0: none; the batch doubles).
+        cfg_start: New tokens each sample draws before guidance starts (0: from the first; 40 for the quick start).
         ratio: Share of each prompt kept (JPEG: of its restart intervals; video: of its frames).
         num_samples: How many samples to write (with prompts: the first readable ones; with captions: per caption).
         max_new_tokens: Most new tokens per sample (default: up to the end of the model's context).
@@ -78,8 +80,7 @@ def generate_samples(
         top_p: Nucleus sampling threshold (1.0: off).
         seed: Sampling seed; sample i draws with seed + i (its own generator, whatever its batch).
         batch_size: Samples generated at once.
-        constrain: Sample under the codec's stream grammar, so every JPEG is a whole valid image (--no-constrain:
-            the paper's unconstrained sampling; H.264 is never constrained).
+        constrain: Sample under the codec's stream grammar: every JPEG whole and valid (--no-constrain: as the paper).
         modality: Which modality of a model trained on several to sample, jpeg or avc (default: its first).
         tokenizer: A tokenizer directory to check against the one the checkpoint was trained with.
         device: Where to run: cpu, cuda, cuda:1 ... (default: cuda if available).
@@ -89,14 +90,21 @@ def generate_samples(
     captions = _check_request(prompt_images, unconditional, num_samples, _captions(prompt_text, prompt_file))
     model, chosen = _load(checkpoint, device, precision, tokenizer, modality)
     names, streams = _prompt_streams(chosen, prompt_images, num_samples) if prompt_images else ([], None)
-    settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
-    settings.update(constrain=constrain, cfg_scale=cfg_scale if captions else None)
+    settings = _settings(streams, captions, ratio, temperature, top_k, top_p, constrain, cfg_scale, cfg_start)
     captions, names = _per_sample(captions, streams, names, num_samples)
     run = {"num_samples": None if streams else len(names), "seed": seed, "batch_size": batch_size, **settings}
-    run |= {"captions": captions, "cfg_scale": cfg_scale}
+    run |= {"captions": captions, "cfg_scale": cfg_scale, "cfg_start": cfg_start}
     completions, skipped = _complete(model, chosen, streams, names, progress, max_new_tokens=max_new_tokens, **run)
     meta = {"checkpoint": str(checkpoint), **settings, "precision": precision_of(model)}
     return _write(Path(output), chosen, completions, [names[c.index] for c in completions], meta, skipped)
+
+
+def _settings(streams: list[bytes] | None, captions: list[str] | None, ratio: float, *values: Any) -> dict[str, Any]:
+    """The sampling settings samples.json records; None where they do not apply (no prompts, no captions)."""
+    temperature, top_k, top_p, constrain, cfg_scale, cfg_start = values
+    settings = {"ratio": ratio if streams else None, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+    guided = {"cfg_scale": cfg_scale, "cfg_start": cfg_start}
+    return settings | {"constrain": constrain, **(guided if captions else dict.fromkeys(guided))}
 
 
 def summary(records: list[dict[str, Any]]) -> str:

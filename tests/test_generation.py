@@ -375,14 +375,15 @@ CAPTIONED = [[BOS_ID, 5, 30, 31, 32, 3], [BOS_ID, 5, 33, 3, 9, 10], [BOS_ID, 5, 
 TWINS = [[BOS_ID, 3], [BOS_ID, 3, 9, 10], [BOS_ID, 3]]
 
 
-def guided_by_hand(model, prompt, twin, scale, new_tokens, allowed):
-    """Greedy guided ids computed the slow way: each branch recomputed alone at every step, then mixed."""
+def guided_by_hand(model, prompt, twin, scale, new_tokens, allowed, start=0):
+    """Greedy guided ids computed the slow way: each branch recomputed alone at every step, then mixed (from the
+    ``start``-th new id on; the conditional logits alone before it)."""
     gpt, cond, uncond = model.model, list(prompt), list(twin)
     with torch.no_grad():
-        for _ in range(new_tokens):
+        for step in range(new_tokens):
             c = gpt(torch.tensor([cond]))[0, -1, :VOCAB].float()
             u = gpt(torch.tensor([uncond]))[0, -1, :VOCAB].float()
-            mixed = (u + scale * (c - u)).masked_fill(~allowed, float("-inf"))
+            mixed = (c if step < start else u + scale * (c - u)).masked_fill(~allowed, float("-inf"))
             token = int(mixed.argmax())
             cond.append(token)
             uncond.append(token)
@@ -399,6 +400,19 @@ def test_guidance_mixes_each_prompt_with_its_twin(model, scale):
     for prompt, twin, sequence in zip(CAPTIONED, TWINS, out, strict=True):
         assert sequence[: len(prompt)] == prompt
         assert sequence[len(prompt) :] == guided_by_hand(model, prompt, twin, scale, 6, allowed)
+
+
+def test_guidance_starts_after_its_start_new_ids(model):
+    """Guidance.start: the first new ids are plain conditional draws, the rest guided (each row counts its own)."""
+    allowed = modality_mask(VOCAB, 8, 30)
+    out = generate(
+        model, CAPTIONED, 6, temperature=0.0, allowed=allowed, eos_id=None,
+        guidance=sampling.Guidance(TWINS, 3.0, start=3),
+    )  # fmt: skip
+    for prompt, twin, sequence in zip(CAPTIONED, TWINS, out, strict=True):
+        assert sequence[len(prompt) :] == guided_by_hand(model, prompt, twin, 3.0, 6, allowed, start=3)
+    plain = generate(model, CAPTIONED, 3, temperature=0.0, allowed=allowed, eos_id=None)
+    assert [s[:-3] for s in out] == plain  # the first 3 new ids: conditional greedy
 
 
 def test_guidance_at_scale_one_is_conditional_sampling(model):

@@ -347,6 +347,12 @@ def test_guided_samples_differ_from_conditional_ones(captioned):
     [nothing] = complete(model, captioned, num_samples=1, **{**sampling, "captions": None})
     assert plain.ids != guided.ids
     assert unconditional.ids[unconditional.ids.index(MODALITIES["jpeg"]) :] == nothing.ids[1:]  # scale 0: no caption
+    [late] = complete(model, captioned, cfg_scale=4.0, cfg_start=20, **sampling)  # guided from the 21st new id on
+    start = plain.ids.index(MODALITIES["jpeg"]) + 1
+    assert late.ids[: start + 20] == plain.ids[: start + 20]
+    assert late.ids != plain.ids
+    [never] = complete(model, captioned, cfg_scale=4.0, cfg_start=60, **sampling)  # the whole budget unguided
+    assert never.ids == plain.ids
 
 
 def test_caption_mistakes_are_user_errors(captioned, small_jpeg):
@@ -359,5 +365,7 @@ def test_caption_mistakes_are_user_errors(captioned, small_jpeg):
         complete(model, captioned, captions=["a red circle", "  "])
     with pytest.raises(UserError, match="cfg_scale 3.0 guides towards captions"):
         complete(model, captioned, num_samples=1, cfg_scale=3.0)
+    with pytest.raises(UserError, match="cfg_start must be >= 0"):
+        complete(model, captioned, captions=["a red circle"], cfg_scale=3.0, cfg_start=-1)
     with pytest.raises(UserError, match="2 captions for 1 samples"):
         complete(model, captioned, num_samples=1, captions=["a", "b"])

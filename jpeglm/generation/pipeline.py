@@ -108,6 +108,7 @@ def complete(
     constrain: bool = True,
     captions: Sequence[str] | None = None,
     cfg_scale: float = 1.0,
+    cfg_start: int = 0,
 ) -> list[Completion]:
     """Complete codec streams (or sample from nothing) with one modality of a model, and decode the results.
 
@@ -132,11 +133,11 @@ def complete(
             None: such a prompt is an error.
         constrain: sample under the codec's stream grammar (``codec.grammar``, JPEG): every id keeps the stream a
             valid prefix and can still end within the budget, so every sample decodes complete. False: the
-            paper's unconstrained sampling (only the modality's ids and eos). Codecs without a grammar (H.264)
-            are never constrained.
+            paper's unconstrained sampling (the modality's ids and eos). H.264 has no grammar: never constrained.
         captions: one caption per sample (``num_samples`` defaults to their number), for a model trained on
             captioned images (``jpeglm prepare --captions``).
         cfg_scale: classifier-free guidance towards the captions (the batch doubles; 1.0: plain conditional).
+        cfg_start: new ids each sample draws before guidance starts (plain conditional until then; 0: none).
 
     Returns:
         One :class:`Completion` per prompt (or sample), in order.
@@ -169,6 +170,7 @@ def iter_complete(
     constrain: bool = True,
     captions: Sequence[str] | None = None,
     cfg_scale: float = 1.0,
+    cfg_start: int = 0,
 ) -> Iterator[list[Completion]]:
     """:func:`complete`, one batch at a time: the same arguments, the same completions, in lists of ``batch_size``.
 
@@ -177,7 +179,7 @@ def iter_complete(
     is called, before the first batch is generated.
     """
     codec = _media_codec(modality)
-    _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens, cfg_scale, captions)
+    _check_settings(temperature, top_k, top_p, batch_size, max_new_tokens, cfg_scale, captions, cfg_start)
     if captions is not None and prompts is None and num_samples is None:
         num_samples = len(captions)
     cuts, originals = _prompt_streams(codec, prompts, num_samples, ratio)
@@ -197,7 +199,7 @@ def iter_complete(
     allowed = tokenizer_mask(modality.tokenizer, gpt.config.vocab_size, modality.offset)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     guided = heads is not None and cfg_scale != 1.0
-    run = _Batch(gpt, modality, allowed, sampling, grammar, cfg_scale if guided else None)
+    run = _Batch(gpt, modality, allowed, sampling, grammar, (cfg_scale, cfg_start) if guided else None)
     captions = list(captions) if captions is not None else [None] * len(cuts)
 
     def batches_of_completions() -> Iterator[list[Completion]]:
@@ -233,7 +235,7 @@ class _Batch:
     allowed: torch.Tensor
     sampling: dict[str, Any]
     grammar: Any = None  # the codec's token grammar when sampling is constrained
-    cfg_scale: float | None = None  # classifier-free guidance against the uncaptioned twins (None: none)
+    guidance: tuple[float, int] | None = None  # against the uncaptioned twins: scale, start (None: none)
 
     def skip(self, ids: list[int]) -> int:
         """Leading ids of a sequence that are not stream bytes: ``[bos, tag]`` (a caption before it included), or
@@ -264,7 +266,7 @@ class _Batch:
             stop=codec_stop(codec, tok, offset),
             seed=seeds,
             on_step=progress.step,
-            guidance=None if self.cfg_scale is None else Guidance(twins, self.cfg_scale),
+            guidance=None if self.guidance is None else Guidance(twins, *self.guidance),
             **self.sampling,
         )
         seconds = max(time.perf_counter() - began, 1e-9)
@@ -311,6 +313,7 @@ def _check_settings(
     max_new_tokens: int | None,
     cfg_scale: float = 1.0,
     captions: Sequence[str] | None = None,
+    cfg_start: int = 0,
 ) -> None:
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
@@ -326,6 +329,8 @@ def _check_settings(
         raise UserError(f"cfg_scale must be >= 0 (1.0: no guidance), got {cfg_scale}")
     if cfg_scale != 1.0 and captions is None:
         raise UserError(f"cfg_scale {cfg_scale} guides towards captions: give captions (or leave cfg_scale at 1.0)")
+    if cfg_start < 0:
+        raise UserError(f"cfg_start must be >= 0 (new ids before guidance starts), got {cfg_start}")
 
 
 def _caption_heads(modality: Modality, captions: Sequence[str] | None, count: int) -> list[list[int]] | None:

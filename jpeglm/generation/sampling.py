@@ -140,17 +140,22 @@ class Guidance:
     The twins run in the same batch and KV cache as the prompts (the batch doubles). At each step the logits of
     prompt ``i`` and of its twin are mixed as ``uncond + scale * (cond - uncond)`` before the mask, temperature,
     top-k and top-p; the id drawn from the mix is appended to both, so both hold the same new ids. Scale 1 is
-    plain conditional sampling, 0 unconditional. A twin shorter than its prompt waits at position 0 (it is fed its
-    first id again) until the two are level, so neither is padded: each computes what it would compute alone.
+    plain conditional sampling, 0 unconditional. With ``start``, a sequence's first ``start`` new ids are drawn
+    from its conditional logits alone (a guidance interval: at an image's first ids the unconditional branch knows
+    least, and mixing there broke the quick start's first blocks into noise; see the README's caption section).
+    A twin shorter than its prompt waits at position 0 (it is fed its first id again) until the two are level, so
+    neither is padded: each computes what it would compute alone.
 
     Attributes:
         prompts: the unconditional prompt of each prompt (e.g. ``[bos, image tag]`` for a caption's
             ``[bos, text tag, caption..., image tag]``), in the same order.
         scale: the guidance scale ``s``.
+        start: new ids each sequence draws before guidance starts (0: from its first).
     """
 
     prompts: Sequence[Sequence[int]]
     scale: float
+    start: int = 0
 
     def mix(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """(R, V) logits ``uncond + scale * (cond - uncond)`` (ids masked to -inf in either stay -inf)."""
@@ -172,6 +177,7 @@ class _Sampler:
     allowed: torch.Tensor | Constraint | None  # (V,) or (B, V) bool, or a constraint
 
     guidance: Guidance | None = None
+    max_new_tokens: int = 0  # the budget ``remaining`` counts down from (where guidance's ``start`` is counted)
 
     def __call__(
         self,
@@ -192,6 +198,9 @@ class _Sampler:
         cond = [r for r, p in enumerate(prompts) if p < n]
         twins = [row_of[prompts[r] + n] for r in cond]
         mixed = self.guidance.mix(logits[cond].float(), logits[twins].float())  # (A / 2, V)
+        if self.guidance.start:  # rows still before their guidance interval draw from their conditional logits
+            early = [self.max_new_tokens - remaining[r] < self.guidance.start for r in cond]
+            mixed = torch.where(torch.tensor(early, device=mixed.device)[:, None], logits[cond].float(), mixed)
         pick = [prompts[r] for r in cond], [sequences[r] for r in cond], [remaining[r] for r in cond]
         drawn = self._draw(mixed, *pick, [reading[r] for r in cond])  # (A / 2,)
         ids = torch.empty(len(prompts), dtype=torch.long, device=logits.device)
@@ -312,7 +321,7 @@ def generate(
     device = gpt.lm_head.weight.device
     generators = _generators(seed, len(prompts), device)
     mask = allowed if callable(allowed) else _check_allowed(allowed, gpt.config.vocab_size, len(prompts), device)
-    sampler = _Sampler(temperature, top_k, top_p, generators, gpt.config.vocab_size, mask, guidance)
+    sampler = _Sampler(temperature, top_k, top_p, generators, gpt.config.vocab_size, mask, guidance, max_new_tokens)
     rows, delays = _guided_rows(gpt, prompts, max_new_tokens, guidance, use_kv_cache)
     training = model.training
     model.eval()
