@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_run import fit
+from tiny_run import fit, fit_checkpoint
 
 from jpeglm.callbacks import SampleGallery
 from jpeglm.caption_eval import agreement
@@ -35,9 +35,7 @@ def run(tmp_path_factory):
         every_n_steps=3, num_prompts=0, ratios=(), num_unconditional=1, num_captions=2, cfg_scales=(1.0, 3.0),
         max_new_tokens=200,
     )  # fmt: skip
-    trainer, model = fit(tmp, [], steps=3, captions=True)  # the gallery is drawn by the test, after training
-    path = tmp / "model.ckpt"
-    trainer.save_checkpoint(path)
+    trainer, model, path = fit_checkpoint(tmp, steps=3, captions=True)  # the test draws the gallery, after training
     return trainer, model, gallery, path
 
 

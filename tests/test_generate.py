@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_run import fit
+from tiny_run import fit_checkpoint
 
 from jpeglm import evaluate as evaluate_module
 from jpeglm import fid as fid_module
@@ -23,11 +23,7 @@ from jpeglm.tokenizer import CodecTokenizer
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    trainer, _ = fit(tmp, [], steps=3)
-    path = tmp / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return fit_checkpoint(tmp_path_factory.mktemp("ckpt"), steps=3)[2]
 
 
 def test_generate_writes_files_that_open(checkpoint, photos, tmp_path):

@@ -170,13 +170,9 @@ def test_fetch_inputs_brings_an_object_or_a_prefix(s3_server, photos, cache):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from tiny_run import fit
+    from tiny_run import fit_checkpoint
 
-    tmp = tmp_path_factory.mktemp("ckpt")
-    trainer, _ = fit(tmp, [], steps=1)
-    path = tmp / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return fit_checkpoint(tmp_path_factory.mktemp("ckpt"), steps=1)[2]
 
 
 def test_generate_and_evaluate_read_images_from_s3(s3_server, checkpoint, photos, tmp_path, monkeypatch, cache):

@@ -50,3 +50,11 @@ def fit(
     )
     trainer.fit(model, dm)
     return trainer, model
+
+
+def fit_checkpoint(tmp_path: Path, steps: int, captions: bool = False) -> tuple[L.Trainer, CodecLM, Path]:
+    """:func:`fit` with no callbacks, then the trained model saved as ``tmp_path / "model.ckpt"``."""
+    trainer, model = fit(tmp_path, [], steps=steps, captions=captions)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return trainer, model, path
