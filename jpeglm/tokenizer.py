@@ -237,14 +237,15 @@ def _marker_free(tokenizer: Tokenizer) -> Tokenizer:
     0.47 ms per 256-px image, measured). Otherwise the cut stays.
     """
     markers = {chr(0xD0 + k) for k in range(8)}
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    text = tokenizer.to_str()
+    merges = json.loads(text)["model"]["merges"]
     for merge in merges:
         pair = merge if isinstance(merge, list) else merge.split(" ")  # ["a", "b"], or "a b" in older files
         if len(pair) != 2:  # "a b" with a space byte inside a token: which side is which is not known
             return tokenizer
         if pair[0][-1] in markers and (len(pair[0]) == 1 or pair[0][-2] == "\xff"):
             return tokenizer
-    fast = Tokenizer.from_str(tokenizer.to_str())
+    fast = Tokenizer.from_str(text)
     fast.pre_tokenizer = None
     return fast
 
